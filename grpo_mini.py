@@ -88,7 +88,7 @@ class Config:
     save_model: bool = True
     """save the trained model and tokenizer to OUTPUT_DIR/model at the end (and on Ctrl-C)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
-    max_steps: int = 40
+    max_steps: int = 20
     """training steps; each step samples prompts_per_step x num_generations completions"""
     prompts_per_step: int = 4
     """prompts per step (B); the step trains on B x num_generations completions"""
@@ -96,8 +96,8 @@ class Config:
     """completions per prompt, the group size G (>= 2)"""
     max_completion_length: int = 48
     """maximum new tokens per completion; a completion without EOS by then counts as truncated"""
-    temperature: float = 1.0
-    """sampling temperature for rollouts; the log-probs use the same temperature, as in TRL"""
+    temperature: float = 0.7
+    """sampling temperature for rollouts (TRL's default is 1.0, too noisy for a 135M model); log-probs use it too"""
     beta: float = 0.0
     """KL coefficient to a frozen reference model (k3 estimator). 0 (TRL's default) loads no reference model"""
     epsilon: float = 0.2
@@ -113,7 +113,7 @@ class Config:
     num_iterations: int = 1
     """optimisation passes over each rollout batch (mu in the paper); > 1 makes the ratio differ from 1"""
     # --- optimiser --------------------------------------------------------------------------------------------------
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-5
     """AdamW learning rate (constant after warm-up)"""
     warmup_steps: int = 3
     """linear learning-rate warm-up, in optimiser steps"""
@@ -431,6 +431,7 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool
     completions: list  # N decoded strings
     answers: list  # N reference answers (each prompt's answer repeated G times)
+    questions: list  # N question texts (before the chat template), repeated G times like the answers
     num_generations: int
     sampling_logps: Optional[torch.Tensor] = None  # [N, T] log-prob of each sampled token under the sampler
     rewards: Optional[torch.Tensor] = None  # [N], filled in by the training loop
@@ -476,7 +477,8 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
     texts = tokenizer.batch_decode(completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
                                    skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts,
-                   [p.answer for p in problems for _ in range(G)], G, sampling_logps=logps)
+                   [p.answer for p in problems for _ in range(G)], [p.prompt for p in problems for _ in range(G)],
+                   G, sampling_logps=logps)
 
 
 # ======================================================================================================================
@@ -559,7 +561,9 @@ def zero_std_fraction(rewards: torch.Tensor, num_generations: int) -> float:
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
 
 
-AdvantageFn = Callable[[Rollout], tuple]  # rollout (with rewards) -> (advantages [N], extra metrics dict)
+# An advantage function maps a scored rollout to (advantages [N], extra metrics for the log). One that sets the
+# attribute `needs_sampling_logps = True` gets Rollout.sampling_logps filled in (SEED-GRPO's likelihoods).
+AdvantageFn = Callable[[Rollout], tuple]
 
 
 def grpo_advantage_fn(cfg: Config) -> AdvantageFn:
@@ -828,11 +832,12 @@ def build_task(cfg: Config) -> tuple[list, list]:
 
 
 def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
-          advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, needs_sampling_logps: bool = False,
-          extra_log_keys: Sequence = (), model=None, tokenizer=None, problems: Optional[tuple] = None) -> dict:
+          advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, extra_log_keys: Sequence = (),
+          model=None, tokenizer=None, problems: Optional[tuple] = None) -> dict:
     """Train with GRPO (or a variant, through advantage_fn) and return a summary dict.
 
-    advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics). The loop:
+    advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics); GRPO's is
+    grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line. The loop:
         rollout -> rewards -> advantages -> [old log-probs] -> num_iterations x (micro-batched loss, backward, step)
     """
     cfg.validate()
@@ -857,6 +862,7 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
+    needs_sampling_logps = getattr(make_advantages, "needs_sampling_logps", False)
     log = MetricsLog(out_dir, extra_log_keys)
     order_rng = random.Random(cfg.seed + 1)
 
@@ -896,7 +902,7 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
             sampled_tokens = ro.completion_mask.sum().item()
             record = {
                 "step": step, "reward": ro.rewards.mean().item(),
-                "accuracy": correctness_accuracy(ro) if reward_fn is correctness_reward else None,
+                "accuracy": ro.rewards.mean().item() if reward_fn is correctness_reward else None,  # 0/1 reward
                 "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
                 "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
                 "kl": stats and stats["kl"], "clip_frac": stats and stats["clip_frac"],
@@ -925,11 +931,6 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
               f"{summary['eval_after']['accuracy']:.3f}  ({step} steps, {summary['train_seconds']:.0f} s)", flush=True)
     summary["interrupted"] = interrupted
     return summary
-
-
-def correctness_accuracy(ro: Rollout) -> float:
-    """With the 0/1 correctness reward, the batch accuracy is the mean reward."""
-    return ro.rewards.mean().item()
 
 
 # ======================================================================================================================

@@ -67,3 +67,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_tiny_model(tiny_tokenizer).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
+
+
+# Flags for a 2-step run of any of the training scripts on the tiny model (seconds, not minutes).
+TINY_RUN_FLAGS = ["--max_steps", "2", "--prompts_per_step", "2", "--max_completion_length", "8",
+                  "--num_eval_problems", "4", "--num_train_problems", "20", "--device", "cpu"]
+
+
+def run_script(*args, timeout=300):
+    """Run one of the repository's scripts in a subprocess, offline, as a user would."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)

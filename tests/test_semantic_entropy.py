@@ -1,14 +1,12 @@
 """semantic_entropy.py: estimators by hand, clustering with deterministic judges, and the NLI path offline."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import semantic_entropy as se
-from conftest import ROOT
+from conftest import run_script
 
 
 # ---------------------------------------------------------------------------------------------- estimators
@@ -221,9 +219,8 @@ def test_sequence_log_likelihoods_match_a_plain_forward(tiny_model, tiny_tokeniz
 
 
 def test_cli_math_judge_and_lm(tiny_model_dir):
-    result = subprocess.run([sys.executable, "semantic_entropy.py", "--judge", "math", "--question", "What is 6+6?",
-                             "--lm", str(tiny_model_dir), "It is 12.", "\\boxed{12}", "13"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("semantic_entropy.py", "--judge", "math", "--question", "What is 6+6?", "--lm", tiny_model_dir,
+                        "It is 12.", "\\boxed{12}", "13")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cluster 0: 'It is 12.'" in result.stdout and "cluster 1: '13'" in result.stdout
     assert "discrete semantic entropy: 0.6365 nats" in result.stdout
@@ -231,8 +228,6 @@ def test_cli_math_judge_and_lm(tiny_model_dir):
 
 
 def test_cli_bad_nli_model_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "semantic_entropy.py", "--nli-model", str(tmp_path / "nope"), "a", "b"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = run_script("semantic_entropy.py", "--nli-model", tmp_path / "nope", "a", "b")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --nli-model")

@@ -1,16 +1,13 @@
 """The training loop and the CLI, on a tiny random model built offline (no downloads)."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import grpo_mini as g
-from conftest import ROOT, build_tiny_model
+from conftest import TINY_RUN_FLAGS, run_script
 
 TINY = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=8, num_train_problems=20,
             num_eval_problems=4, eval_every=0, device="cpu", save_model=False)
@@ -19,11 +16,6 @@ TINY = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_l
 def digit_fraction_reward(completions, answers):
     """A toy reward a random model can climb quickly: the share of digits among the completion's characters."""
     return [sum(ch.isdigit() for ch in text) / (len(text) + 1) for text in completions]
-
-
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -39,7 +31,7 @@ def test_invalid_config_names_the_flag(field, value):
 
 def test_cli_rejects_bad_flag_before_loading_any_model():
     start = time.time()
-    result = run_cli("grpo_mini.py", "--num_generations", "1")
+    result = run_script("grpo_mini.py", "--num_generations", "1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --num_generations must be >= 2 (a group needs two samples to compare) (got 1)"]
@@ -55,10 +47,10 @@ def test_bad_data_file_names_file_and_line(tmp_path):
     with pytest.raises(g.ConfigError, match=r"bad.jsonl:3: \"answer\" has no number"):
         g.load_jsonl_problems(str(data))
     data.write_text('{"prompt": "1+1?", "answer": 2}\nnot json\n')
-    result = run_cli("grpo_mini.py", "--data", str(data))
+    result = run_script("grpo_mini.py", "--data", str(data))
     assert result.returncode == 2 and f"{data}:2: not valid JSON" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = run_cli("grpo_mini.py", "--data", str(tmp_path / "missing.jsonl"))
+    result = run_script("grpo_mini.py", "--data", str(tmp_path / "missing.jsonl"))
     assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
 
 
@@ -83,9 +75,8 @@ def test_help_shows_every_field_doc():
 # ---------------------------------------------------------------------------------------------- the real script
 def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("grpo_mini.py", "--model", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2",
-                     "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
-                     "--num_eval_problems", "4", "--num_train_problems", "20", "--device", "cpu", "--beta", "0.04")
+    result = run_script("grpo_mini.py", "--model", tiny_model_dir, "--output_dir", out, *TINY_RUN_FLAGS,
+                        "--num_generations", "4", "--beta", "0.04")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert sum(line.startswith("step ") for line in lines) == 2

@@ -1,0 +1,207 @@
+"""gfpo.py: Group Filtered Policy Optimization, "sample more to think less" (arXiv 2508.09726).
+
+GRPO rewards correct answers whatever their length, so reasoning models drift towards long completions. GFPO
+samples a LARGER group per prompt (G' = num_generations, e.g. 16), keeps only the best k by a metric that
+prefers brevity, and learns only from those:
+
+    S        = top-k of the G' completions by the metric      (shortest, or token efficiency r_i / |o_i|)
+    A_i      = m_i * (r_i - mean_S(r)) / std_S(r)             m_i = 1 if i in S else 0; population std over S
+    loss     = DAPO token-level aggregation, normalised by the tokens of ALL G' completions
+
+So a short correct answer beats a long correct one simply by being the one that gets learned from. Sampling
+more is what makes this work: the paper's ablation that keeps 6 of the ORIGINAL 8 barely shortens anything,
+because there is too little to choose from. Everything else is grpo_mini's; this file holds only the difference.
+
+Run it:
+
+    python gfpo.py                                        # G' = 16, k = 8, token efficiency
+    python gfpo.py --filter_metric shortest
+    python gfpo.py --adaptive                             # k from the prompt's difficulty (8/8/6/4 in the paper)
+    python gfpo.py --filter_metric mymodule:my_metric     # your own: fn(rewards, lengths, completions) -> scores
+
+What you will see: grpo_mini's per-step line plus `len_all` / `len_kept` (mean length of all sampled vs retained
+completions), `eff` (mean reward per token) and `k`, and `held-out accuracy: BEFORE -> AFTER` at the end. The
+record also has tokens_sampled and tokens_trained. Compare runs with excess_length_reduction (ELR).
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from grpo_mini import Config, ConfigError, Rollout, main
+
+BUILTIN_METRICS = ("token_efficiency", "shortest")
+
+
+@dataclass
+class GFPOConfig(Config):
+    output_dir: str = "runs/gfpo"
+    """where metrics.jsonl, config.json and the trained model go"""
+    num_generations: int = 16
+    """completions sampled per prompt, G' (the paper's 16); only k of them are learned from"""
+    num_remains_in_group: int = 8
+    """k: completions kept per prompt (2 <= k < num_generations)"""
+    filter_metric: str = "token_efficiency"
+    """token_efficiency (reward / length, highest kept) | shortest (length, lowest kept) | module:function"""
+    adaptive: bool = False
+    """choose k per prompt from its difficulty (mean reward of its G' samples) against the running quartiles"""
+    k_very_hard: int = 8
+    """k for prompts below the 25th percentile of past difficulties (and during the warm-up)"""
+    k_hard: int = 8
+    """k between the 25th and 50th percentile"""
+    k_medium: int = 6
+    """k between the 50th and 75th percentile"""
+    k_easy: int = 4
+    """k above the 75th percentile"""
+    adaptive_warmup: int = 16
+    """prompts recorded before the quartiles are trusted; until then every prompt gets k_very_hard"""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type != "dapo":
+            raise ConfigError(f"--loss_type must be dapo for GFPO: the paper normalises by the tokens of all G' "
+                              f"completions (got {self.loss_type!r})")
+        ks = {"num_remains_in_group": self.num_remains_in_group}
+        if self.adaptive:
+            ks.update(k_very_hard=self.k_very_hard, k_hard=self.k_hard, k_medium=self.k_medium, k_easy=self.k_easy)
+        for flag, k in ks.items():
+            if not 2 <= k < self.num_generations:
+                raise ConfigError(f"--{flag} must be at least 2 and below --num_generations ({self.num_generations}):"
+                                  f" filtering needs two kept samples to compare and something to drop (got {k})")
+        if self.adaptive_warmup < 1:
+            raise ConfigError(f"--adaptive_warmup must be >= 1 (got {self.adaptive_warmup})")
+        resolve_metric(self.filter_metric)
+
+
+# ======================================================================================================================
+# The difference from GRPO: score, keep the top k, and compute advantages over the kept set only
+# ======================================================================================================================
+
+# A metric maps one group to a score per completion; the k HIGHEST scores are kept.
+#   fn(rewards: Tensor[G'], lengths: Tensor[G'] (tokens, EOS included), completions: list[str]) -> Tensor[G']
+Metric = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+def token_efficiency(rewards: torch.Tensor, lengths: torch.Tensor, completions: Sequence[str]) -> torch.Tensor:
+    """Reward per token, r_i / |o_i|: correct AND short scores highest."""
+    return rewards / lengths.clamp(min=1.0)
+
+
+def shortest(rewards: torch.Tensor, lengths: torch.Tensor, completions: Sequence[str]) -> torch.Tensor:
+    """Minus the length: the shortest completions score highest, whatever their reward."""
+    return -lengths.float()
+
+
+def resolve_metric(name: str) -> Metric:
+    """A built-in metric by name, or `module:function` importable from the working directory."""
+    if name in BUILTIN_METRICS:
+        return {"token_efficiency": token_efficiency, "shortest": shortest}[name]
+    module_name, _, function_name = name.partition(":")
+    metric = None
+    if module_name and function_name:
+        sys.path.insert(0, ".")
+        try:
+            metric = getattr(importlib.import_module(module_name), function_name, None)
+        except ImportError:
+            pass
+        finally:
+            sys.path.pop(0)
+    if not callable(metric):
+        raise ConfigError(f"--filter_metric must be one of {', '.join(BUILTIN_METRICS)} or an importable "
+                          f"module:function (got {name!r})")
+    return metric
+
+
+def retain_mask(scores: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Keep the ks[b] highest-scoring completions of group b. scores [B, G'] -> mask [B, G'] of 0/1.
+
+    Ties break deterministically: among equal scores the earlier completion is kept (stable sort).
+        retain_mask([[3, 1, 3, 2]], [2]) == [[1, 0, 1, 0]];   retain_mask([[5, 5, 5]], [2]) == [[1, 1, 0]]"""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [B, G']
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.size(1), device=scores.device).expand_as(order))
+    return (rank < torch.tensor(list(ks), device=scores.device).unsqueeze(1)).float()
+
+
+def filtered_advantages(rewards: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = m_i * (r_i - mean_S) / (std_S + eps), mean and POPULATION std (1/k) over the retained set S.
+
+    rewards, mask [B, G'] -> advantages [N = B*G']. Filtered completions get 0. eps (TRL's 1e-4) only matters for
+    a zero-variance retained set, which then gets A = 0 like a zero-variance GRPO group.
+    Example: rewards [1, 0, 1, 1], kept [1, 1, 1, 0]: mean_S 2/3, std_S 0.4714 -> [0.7070, -1.4140, 0.7070, 0]."""
+    k = mask.sum(dim=1, keepdim=True)  # [B, 1]
+    mean = (rewards * mask).sum(dim=1, keepdim=True) / k
+    std = torch.sqrt(((rewards - mean) ** 2 * mask).sum(dim=1, keepdim=True) / k)
+    return (mask * (rewards - mean) / (std + eps)).reshape(-1)
+
+
+class DifficultyRecord:
+    """Adaptive k: a streaming record of past prompt difficulties (mean reward of their G' samples).
+
+    A prompt whose difficulty is below the record's 25th percentile is very hard, below the 50th hard, below the
+    75th medium, else easy; each bucket has its k. Until `warmup` difficulties are recorded every prompt gets
+    k_very_hard (the largest, most GRPO-like choice). The paper keeps a t-digest; a sorted list is exact and small
+    enough here. Each step's prompts are bucketed against the record BEFORE they are added to it."""
+
+    def __init__(self, ks: Sequence[int], warmup: int):
+        self.ks, self.warmup, self.values = list(ks), warmup, []  # ks: very hard, hard, medium, easy
+
+    def k_for(self, difficulty: float) -> int:
+        if len(self.values) < self.warmup:
+            return self.ks[0]
+        q25, q50, q75 = np.percentile(self.values, [25, 50, 75])
+        return self.ks[bisect.bisect_right([q25, q50, q75], difficulty)]  # 0: below q25 ... 3: at or above q75
+
+    def add(self, difficulties: Sequence[float]) -> None:
+        self.values.extend(float(d) for d in difficulties)
+
+
+def excess_length_reduction(length_grpo: float, length_gfpo: float, length_reference: float) -> float:
+    """ELR = (L_GRPO - L_GFPO) / (L_GRPO - L_ref): the share of GRPO's extra length (over the reference, e.g. the
+    untrained or SFT model) that GFPO removed. 1 = back to the reference length, 0 = as long as GRPO, < 0 longer.
+    Example: L_GRPO 1000, L_GFPO 700, L_ref 600 -> 300 / 400 = 0.75."""
+    if length_grpo == length_reference:
+        raise ValueError("ELR is undefined when the GRPO and reference lengths are equal (no excess to reduce)")
+    return (length_grpo - length_gfpo) / (length_grpo - length_reference)
+
+
+def gfpo_advantage_fn(cfg: GFPOConfig):
+    """GFPO's replacement for grpo_mini.grpo_advantage_fn. Filtered completions get A = 0, so grpo_mini skips their
+    forward and backward when beta == 0 while still counting their tokens in dapo's normaliser."""
+    metric = resolve_metric(cfg.filter_metric)
+    record = DifficultyRecord([cfg.k_very_hard, cfg.k_hard, cfg.k_medium, cfg.k_easy], cfg.adaptive_warmup)
+
+    def advantages(ro: Rollout):
+        G = ro.num_generations
+        rewards, lengths = ro.rewards.view(-1, G), ro.lengths.view(-1, G)  # [B, G']
+        scores = torch.stack([metric(rewards[b], lengths[b], ro.completions[b * G:(b + 1) * G])
+                              for b in range(rewards.size(0))])  # [B, G']
+        if cfg.adaptive:
+            difficulty = rewards.mean(dim=1).tolist()
+            ks = [record.k_for(d) for d in difficulty]
+            record.add(difficulty)
+        else:
+            ks = [cfg.num_remains_in_group] * rewards.size(0)
+        mask = retain_mask(scores, ks)
+        kept = mask.bool()
+        return filtered_advantages(rewards, mask), {
+            "len_sampled": lengths.float().mean().item(), "len_retained": lengths[kept].float().mean().item(),
+            "token_efficiency": token_efficiency(rewards, lengths, ro.completions).mean().item(),
+            "k": float(np.mean(ks)),
+        }
+
+    return advantages
+
+
+GFPO_LOG_KEYS = [("len_sampled", "len_all", "{:.1f}"), ("len_retained", "len_kept", "{:.1f}"),
+                 ("token_efficiency", "eff", "{:.4f}"), ("k", "k", "{:.1f}")]
+
+if __name__ == "__main__":
+    sys.exit(main(GFPOConfig, advantage_fn=gfpo_advantage_fn, extra_log_keys=GFPO_LOG_KEYS))
