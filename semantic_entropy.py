@@ -260,8 +260,7 @@ def sequence_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[st
     default) or the sum. The prompt goes through the chat template, like grpo_mini's prompts."""
     dev = pick_device(device)
     model = model.to(dev).eval()
-    text = format_prompt(tokenizer, prompt)
-    prompt_enc = tokenizer([text] * len(answers), return_tensors="pt", add_special_tokens=False).to(dev)
+    prompt_enc = tokenizer([format_prompt(tokenizer, prompt)], return_tensors="pt", add_special_tokens=False).to(dev)
     answer_ids = [tokenizer(a, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for a in answers]
     width = max(map(len, answer_ids))
     completion = torch.full((len(answers), width), tokenizer.pad_token_id, device=dev)
@@ -269,7 +268,9 @@ def sequence_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[st
     for row, ids in enumerate(answer_ids):
         completion[row, :len(ids)] = torch.tensor(ids, device=dev)
         mask[row, :len(ids)] = 1.0
-    token_logps = completion_logps(model, prompt_enc.input_ids, prompt_enc.attention_mask, completion, mask, 1.0)
+    every_row_shares_the_prompt = torch.zeros(len(answers), dtype=torch.long, device=dev)
+    token_logps = completion_logps(model, prompt_enc.input_ids, prompt_enc.attention_mask, completion, mask, 1.0,
+                                   prompt_index=every_row_shares_the_prompt)
     scores = mean_token_logps(token_logps, mask) if length_normalised else (token_logps * mask).sum(dim=1)
     return scores.tolist()
 

@@ -74,7 +74,7 @@ def test_normaliser_counts_every_sampled_token_and_the_skip_is_exact(tiny_model,
 
     def grads(rows_used):
         tiny_model.zero_grad(set_to_none=True)
-        stats = g.accumulate_gradients(tiny_model, None, ro, adv, rows_used, None, cfg, torch.device("cpu"))
+        stats = g.accumulate_gradients(tiny_model, ro, adv, rows_used, None, None, cfg, torch.device("cpu"))
         return stats, [p.grad.clone() for p in tiny_model.parameters()]
 
     full_stats, full = grads(list(range(12)))

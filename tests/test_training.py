@@ -149,7 +149,7 @@ def test_num_iterations_two_moves_the_ratio(tiny_model, tiny_tokenizer, tmp_path
 # ---------------------------------------------------------------------------------------------- skipped work is exact
 def _gradients(model, ro, advantages, rows, cfg):
     model.zero_grad(set_to_none=True)
-    g.accumulate_gradients(model, None, ro, advantages, rows, None, cfg, torch.device("cpu"))
+    g.accumulate_gradients(model, ro, advantages, rows, None, None, cfg, torch.device("cpu"))
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
@@ -191,3 +191,52 @@ def test_real_smollm2_gguf_loads_generates_and_saves(tmp_path):
     reloaded, _ = g.load_model_and_tokenizer(str(tmp_path / "saved"))
     for a, b in zip(model.parameters(), reloaded.parameters()):
         assert torch.equal(a, b)
+
+
+def test_unloadable_model_is_one_line(tmp_path):
+    result = run_script("grpo_mini.py", "--model", tmp_path / "no_such_model", "--max_steps", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --model {tmp_path / 'no_such_model'}: could not")
+
+
+def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tokenizer):
+    """completion_logps runs each prompt once and gathers its KV cache: same values and gradients as a plain
+    forward over every full sequence (the textbook computation)."""
+    torch.manual_seed(0)
+    cfg = g.Config(**{**TINY, "num_generations": 3, "max_completion_length": 7})
+    problems = g.make_arithmetic_split(0, 2, 1)[0]
+    ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, torch.device("cpu"))
+    rows = [0, 2, 3, 4, 5]  # row 1 skipped: prompt 0 has two rows here, prompt 1 three
+    prompt_ids, prompt_mask, completion_ids, mask, prompt_index = g.micro_batch_tensors(ro, rows)
+    assert prompt_ids.size(0) == 2 and prompt_index.tolist() == [0, 0, 1, 1, 1]
+
+    tiny_model.zero_grad(set_to_none=True)
+    shared = g.completion_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+    (shared * mask).sum().backward()
+    shared_grads = [p.grad.clone() for p in tiny_model.parameters()]
+
+    tiny_model.zero_grad(set_to_none=True)
+    full_ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)
+    attention = torch.cat([prompt_mask[prompt_index], mask.long()], dim=1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    logits = tiny_model(input_ids=full_ids, attention_mask=attention, position_ids=positions).logits
+    T = completion_ids.size(1)
+    plain = torch.log_softmax(logits[:, -T - 1:-1] / 0.7, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    (plain * mask).sum().backward()
+    assert torch.allclose(shared * mask, plain * mask, atol=1e-5)
+    for a, b in zip(shared_grads, [p.grad for p in tiny_model.parameters()]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_reference_logps_with_micro_batches_match_one_batch(tiny_model, tiny_tokenizer):
+    import copy
+
+    cfg = g.Config(**{**TINY, "num_generations": 4, "max_completion_length": 10, "beta": 0.04})
+    ro = g.rollout(tiny_model, tiny_tokenizer, g.make_arithmetic_split(0, 3, 1)[0], cfg, torch.device("cpu"))
+    ref = copy.deepcopy(tiny_model)
+    rows = list(range(12))
+    one = g.compute_logps_for_rows(ref, ro, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 10**6}),
+                                   torch.device("cpu"))
+    many = g.compute_logps_for_rows(ref, ro, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 30}),
+                                    torch.device("cpu"))
+    assert torch.allclose(one * ro.completion_mask, many * ro.completion_mask, atol=1e-5)

@@ -1,0 +1,273 @@
+"""benchmarks/step_time.py: one GRPO step, phase by phase, for grpo_mini and (when installed) TRL's GRPOTrainer.
+
+    python benchmarks/step_time.py                            # tiny random model and SmolLM2-135M, beta 0 and 0.04
+    python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 3
+    python benchmarks/step_time.py --models qwen2.5-0.5b-random --device cuda    # on a GPU
+
+Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
+(64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
+temperature, top_k/top_p, loss_type (dapo) and beta. The reward is dense (the completion's length in
+characters), so groups almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not
+help here, and the numbers measure raw step efficiency. The two run in alternating blocks in this one process:
+round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up
+and is not counted.
+
+Reported per implementation: the median seconds of each phase (generation, reference/old log-probs, loss and
+backward, optimiser) and of the whole step, completion tokens per second, and peak memory. Peak memory is the
+peak RSS above the block's starting RSS on CPU (a 10 ms sampler; it covers activations and optimiser state), or
+torch.cuda.max_memory_allocated on CUDA. The last table gives grpo_mini / TRL for every figure. TRL is a
+benchmark-only dependency (`pip install trl`); none of the four modules import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpo_mini as g  # noqa: E402
+
+PHASES = ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s")
+
+
+def char_count_reward(completions, answers=None, **_):
+    """Dense reward for ANY model, random ones included: the completion's length in characters / 100. Samples of
+    64 tokens differ in characters, so groups almost never have zero spread and no row can be skipped.
+    TRL passes conversational completions as [{"role": "assistant", "content": text}]."""
+    return [len(c[0]["content"] if isinstance(c, list) else c) / 100 for c in completions]
+
+
+def build_model(name: str):
+    """(model, tokenizer). All three use SmolLM2's tokenizer from the offline GGUF, so prompts are identical."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    smollm2, tokenizer = g.load_model_and_tokenizer(g.DEFAULT_MODEL)
+    torch.manual_seed(0)
+    if name == "smollm2":
+        return smollm2, tokenizer
+    if name == "tiny-random":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    elif name == "qwen2.5-0.5b-random":  # Qwen2.5-0.5B's shape (494M parameters with its 151k vocabulary)
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(config)
+    else:
+        raise SystemExit(f"error: --models: unknown model {name!r}")
+    model.generation_config = copy.deepcopy(smollm2.generation_config)
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.config, key, getattr(smollm2.config, key))
+    return model, tokenizer
+
+
+class PeakMemory:
+    """Peak memory above the starting point: RSS sampled every 10 ms on CPU, max_memory_allocated on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def _rss(self) -> int:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self._rss()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.start)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self._stop.set()
+            self.thread.join()
+
+
+def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: int) -> dict:
+    """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds."""
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    records = []
+    with PeakMemory(device) as memory:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        make_advantages = g.grpo_advantage_fn(cfg)
+        for step in range(steps):
+            batch = problems[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step]
+            start = time.perf_counter()
+            ro, _, _, seconds = g.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
+                                            char_count_reward, make_advantages)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds["step_s"] = time.perf_counter() - start
+            seconds["tokens"] = ro.completion_mask.sum().item()
+            records.append(seconds)
+        del optimizer, ref_model
+    return {"records": records[1:], "peak_bytes": memory.peak}
+
+
+def trl_block(model_dir: str, tokenizer, problems, cfg: g.Config, device, steps: int, workdir: str) -> dict:
+    """`steps` steps of TRL's GRPOTrainer with the same settings; phases timed by wrapping its methods.
+
+    TRL gets the model as a directory: with beta > 0 it builds its reference model by loading that path."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [{"prompt": [{"role": "user", "content": f"{p.prompt}\n{g.INSTRUCTION}"}]}
+            for p in problems[:steps * cfg.prompts_per_step]]
+    args = GRPOConfig(
+        output_dir=workdir, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_k=0, top_p=1.0, beta=cfg.beta, loss_type=cfg.loss_type,
+        epsilon=cfg.epsilon, learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, max_steps=steps,
+        lr_scheduler_type="constant", warmup_steps=0, gradient_accumulation_steps=1, logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+        generation_kwargs={"min_new_tokens": cfg.max_completion_length}, disable_tqdm=True, seed=cfg.seed,
+        shuffle_dataset=False, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=char_count_reward, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    records, current = [], {}
+
+    def timed(name, fn, only_without_grad=False):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if not (only_without_grad and torch.is_grad_enabled()):
+                    current[name] = current.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    trainer._generate = timed("generate_s", trainer._generate)
+    trainer._get_per_token_logps_and_entropies = timed(
+        "ref_old_logps_s", trainer._get_per_token_logps_and_entropies, only_without_grad=True)
+    trainer._clip_grad_norm = timed("clip_s", trainer._clip_grad_norm)
+
+    class PhaseClock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            current.clear()
+            current["begin"] = time.perf_counter()
+
+        def on_pre_optimizer_step(self, *_, **__):
+            current["pre_optimizer"] = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            end = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            # TRL generates and scores inside the step; what remains before the optimiser is scoring, loss, backward.
+            before_optimizer = current["pre_optimizer"] - current["begin"] - current.get("clip_s", 0.0)
+            records.append({
+                "generate_s": current.get("generate_s", 0.0), "ref_old_logps_s": current.get("ref_old_logps_s", 0.0),
+                "loss_backward_s": before_optimizer - current.get("generate_s", 0.0)
+                - current.get("ref_old_logps_s", 0.0),
+                "optimizer_s": end - current["pre_optimizer"] + current.get("clip_s", 0.0),
+                "step_s": end - current["begin"],
+                "tokens": cfg.prompts_per_step * cfg.num_generations * cfg.max_completion_length,
+            })
+
+    trainer.add_callback(PhaseClock())
+    with PeakMemory(device) as memory:
+        trainer.train()
+    del trainer
+    return {"records": records[1:], "peak_bytes": memory.peak}
+
+
+def summarise(blocks: list) -> dict:
+    records = [r for block in blocks for r in block["records"]]
+    out = {key: statistics.median(r[key] for r in records) for key in PHASES + ("step_s",)}
+    out["tokens_per_s"] = statistics.median(r["tokens"] / r["step_s"] for r in records)
+    out["peak_mib"] = max(block["peak_bytes"] for block in blocks) / 2**20
+    out["steps"] = len(records)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-random", "smollm2"],
+                        help="tiny-random | smollm2 | qwen2.5-0.5b-random")
+    parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.04])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating blocks per implementation")
+    parser.add_argument("--steps", type=int, default=3, help="steps per block; the first is a warm-up")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
+    args = parser.parse_args()
+    if args.steps < 2:
+        raise SystemExit("error: --steps must be >= 2 (the first step of a block is a warm-up)")
+    device = g.pick_device(args.device)
+    try:
+        import trl  # noqa: F401
+        with_trl = not args.no_trl
+    except ImportError:
+        with_trl = False
+        print("trl is not installed: timing grpo_mini alone (pip install trl to compare)")
+    g.set_seed(0)
+    problems = g.make_arithmetic_split(0, 400, 1)[0]
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x {args.steps - 1} steps")
+    header = "| model | beta | impl | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | peak MiB |"
+    rows, ratios = [header, "|" + "---|" * 10], []
+    for name in args.models:
+        base_model, tokenizer = build_model(name)
+        model = base_model.to(device)
+        trl_dir = tempfile.TemporaryDirectory()
+        if with_trl:
+            g.save_model(base_model, tokenizer, Path(trl_dir.name))
+        for beta in args.betas:
+            cfg = g.Config(prompts_per_step=4, num_generations=8, max_completion_length=64, beta=beta,
+                           loss_type="dapo", temperature=0.7, device=str(device), max_tokens_per_micro_batch=8192)
+            model.generation_config.min_new_tokens = cfg.max_completion_length  # grpo_mini's forced length
+            blocks = {"grpo_mini": [], **({"trl": []} if with_trl else {})}
+            for _ in range(args.rounds):
+                blocks["grpo_mini"].append(grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps))
+                if with_trl:
+                    with tempfile.TemporaryDirectory() as workdir:
+                        blocks["trl"].append(trl_block(trl_dir.name, tokenizer, problems, cfg, device, args.steps,
+                                                       workdir))
+            summary = {impl: summarise(b) for impl, b in blocks.items()}
+            for impl, s in summary.items():
+                rows.append(f"| {name} | {beta:g} | {impl} | {s['generate_s']:.2f} | {s['ref_old_logps_s']:.2f} | "
+                            f"{s['loss_backward_s']:.2f} | {s['optimizer_s']:.2f} | {s['step_s']:.2f} | "
+                            f"{s['tokens_per_s']:.0f} | {s['peak_mib']:.0f} |")
+            if with_trl:
+                ours, theirs = summary["grpo_mini"], summary["trl"]
+                ratio = {k: ours[k] / theirs[k] if theirs[k] else float("nan")
+                         for k in PHASES + ("step_s", "tokens_per_s", "peak_mib")}
+                ratios.append(f"| {name} | {beta:g} | " + " | ".join(f"{ratio[k]:.2f}" for k in
+                              ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s", "step_s",
+                               "tokens_per_s", "peak_mib")) + " |")
+            print(rows[-1] if not with_trl else "\n".join(rows[-2:]), flush=True)
+        trl_dir.cleanup()
+    print("\n" + "\n".join(rows))
+    if ratios:
+        print("\ngrpo_mini / TRL (step time and memory: lower is better; tok/s: higher is better)\n")
+        print("| model | beta | generate | ref/old | loss+bwd | optim | step | tok/s | peak mem |\n|" + "---|" * 9)
+        print("\n".join(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
