@@ -1,0 +1,199 @@
+"""benchmarks/compare.py: GRPO, SEED-GRPO, GFPO-shortest and GFPO-token-efficiency, same model, task, seed and budget.
+
+    python benchmarks/compare.py                          # CPU preset: SmolLM2-135M, 1 seed (about 45 min, 2 cores)
+    python benchmarks/compare.py --seeds 0 1 2            # mean +- std over seeds
+    python benchmarks/compare.py --preset gpu --seeds 0 1 2
+    python benchmarks/compare.py --set max_steps=2 num_eval_problems=4 --methods grpo gfpo_shortest   # quick look
+
+Each method runs through its own script (`python grpo_mini.py ...`, `python seed_grpo.py ...`,
+`python gfpo.py ...`) in a subprocess. The training code is not re-implemented here. This file only reads
+back each run's metrics.jsonl. It writes, under --output_dir:
+    results.md    one row per method: held-out accuracy before -> after, mean completion length on the eval set,
+                  ELR against the GRPO run of the same seed (reference length: the untrained model's), mean
+                  semantic entropy (SEED-GRPO), completion tokens sampled vs trained, wall time
+    curves.png    reward, held-out accuracy and mean completion length per step, one line per method
+    summary.json  the numbers behind both
+matplotlib is optional: without it the table is written and a one-line hint is printed.
+
+The budget is the same for every method: the same steps, and the same number of SAMPLED completions per step.
+GRPO and SEED-GRPO sample 4 prompts x 8. GFPO samples 2 prompts x 16 (the paper's G' = 16) and keeps 8 of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from gfpo import excess_length_reduction  # noqa: E402
+
+METHODS = {  # name -> (script, flags that make the method)
+    "grpo": ("grpo_mini.py", []),
+    "seed_grpo": ("seed_grpo.py", []),
+    "gfpo_shortest": ("gfpo.py", ["--filter_metric", "shortest"]),
+    "gfpo_token_efficiency": ("gfpo.py", ["--filter_metric", "token_efficiency"]),
+}
+PRESETS = {  # flags shared by every method; GFPO halves prompts_per_step to sample as many completions per step
+    "cpu": {"max_steps": 20, "prompts_per_step": 4, "num_generations": 8, "max_completion_length": 48,
+            "num_eval_problems": 64, "eval_every": 5},
+    "gpu": {"max_steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 128,
+            "num_eval_problems": 256, "eval_every": 20, "max_tokens_per_micro_batch": 16384},
+}
+
+
+def method_flags(method: str, settings: dict) -> list:
+    """The command-line flags for one method under the shared settings."""
+    settings = dict(settings)
+    if method.startswith("gfpo"):
+        settings["num_generations"] = 2 * settings["num_generations"]  # G' = 16 with the default 8
+        settings["num_remains_in_group"] = settings["num_generations"] // 2  # keep k = 8 of 16
+        settings["prompts_per_step"] = max(1, settings["prompts_per_step"] // 2)
+    flags = []
+    for key, value in settings.items():
+        flags += [f"--{key}", str(value)]
+    return flags + METHODS[method][1]
+
+
+def run_method(method: str, seed: int, settings: dict, out_dir: Path) -> dict:
+    """Train one method with one seed in a subprocess; return its metrics records and wall time."""
+    run_dir = out_dir / f"{method}_seed{seed}"
+    command = [sys.executable, METHODS[method][0], *method_flags(method, settings), "--seed", str(seed),
+               "--output_dir", str(run_dir), "--no-save_model"]
+    print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - start
+    (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
+                         f"{out_dir / f'{method}_seed{seed}.log'}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"[compare] {method} seed {seed}: {result.stdout.strip().splitlines()[-1]} ({wall:.0f} s)", flush=True)
+    return {"records": records, "wall_s": wall}
+
+
+def run_summary(run: dict) -> dict:
+    """The per-run numbers of the table, from its metrics.jsonl records."""
+    evals = [r for r in run["records"] if "eval_accuracy" in r]
+    steps = [r for r in run["records"] if "reward" in r]
+    entropies = [r["semantic_entropy"] for r in steps if r.get("semantic_entropy") is not None]
+    return {
+        "acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
+        "len_before": evals[0]["eval_completion_len"], "len_after": evals[-1]["eval_completion_len"],
+        "mean_se": statistics.mean(entropies) if entropies else None,
+        "tokens_sampled": sum(r["tokens_sampled"] for r in steps),
+        "tokens_trained": sum(r["tokens_trained"] for r in steps),
+        "wall_s": run["wall_s"],
+    }
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def build_table(summaries: dict, seeds: list) -> str:
+    """Markdown table, one row per method, mean +- std over seeds."""
+    lines = ["| method | held-out acc before -> after | eval length (tokens) | ELR vs GRPO | mean SE (nats) | "
+             "tokens sampled / trained | wall s |", "|" + "---|" * 7]
+    for method, per_seed in summaries.items():
+        elr = []
+        for seed, s in zip(seeds, per_seed):
+            grpo = summaries.get("grpo", [None] * len(seeds))[seeds.index(seed)]
+            try:  # reference length: the untrained model's, measured before step 1 of the GRPO run
+                elr.append(excess_length_reduction(grpo["len_after"], s["len_after"], grpo["len_before"])
+                           if grpo and method != "grpo" else None)
+            except ValueError:
+                elr.append(None)
+        col = lambda key: [s[key] for s in per_seed]  # noqa: E731
+        lines.append(
+            f"| {method} | {mean_std(col('acc_before'))} -> {mean_std(col('acc_after'))} | {mean_std(col('len_after'))}"
+            f" | {mean_std(elr)} | {mean_std(col('mean_se'))} | {mean_std(col('tokens_sampled'))} / "
+            f"{mean_std(col('tokens_trained'))} | {mean_std(col('wall_s'))} |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: dict, path: Path) -> bool:
+    """Reward, held-out accuracy and eval length per step, mean over seeds. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("reward", "reward", "training reward (mean of the step's samples)"),
+              ("eval_accuracy", "eval_accuracy", "held-out greedy accuracy"),
+              ("eval_completion_len", "eval_completion_len", "held-out mean completion length (tokens)")]
+    for axis, (key, _, title) in zip(axes, panels):
+        for method, per_seed in runs.items():
+            by_step: dict = {}
+            for run in per_seed:
+                for r in run["records"]:
+                    if r.get(key) is not None:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            steps = sorted(by_step)
+            axis.plot(steps, [statistics.mean(by_step[s]) for s in steps], marker="o" if key != "reward" else None,
+                      label=method)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def parse_overrides(pairs: list) -> dict:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects KEY=VALUE pairs (got {pair!r})")
+        settings[key] = value
+    return settings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override a setting for every method, e.g. max_steps=2 model=DIR")
+    parser.add_argument("--output_dir", default="runs/compare")
+    args = parser.parse_args()
+    settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {m: [run_method(m, seed, settings, out_dir) for seed in args.seeds] for m in args.methods}
+    summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}
+    table = build_table(summaries, args.seeds)
+    header = (f"preset {args.preset}, seeds {args.seeds}, settings {settings}\n"
+              f"(mean ± std over seeds where there are several)\n\n")
+    (out_dir / "results.md").write_text(header + table + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "seeds": args.seeds,
+                                                      "summaries": summaries}, indent=2))
+    print("\n" + table)
+    if plot_curves(runs, out_dir / "curves.png"):
+        print(f"\nwrote {out_dir / 'results.md'} and {out_dir / 'curves.png'}")
+    else:
+        print(f"\nwrote {out_dir / 'results.md'}; for the plot, pip install matplotlib")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
