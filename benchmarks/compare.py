@@ -163,7 +163,12 @@ def parse_overrides(pairs: list) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"error: --set expects KEY=VALUE pairs (got {pair!r})")
-        settings[key] = value
+        for kind in (int, float, str):  # "2" -> 2, "3e-5" -> 3e-05, "DIR" -> "DIR"
+            try:
+                settings[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return settings
 
 
