@@ -530,7 +530,7 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
                   logits_to_keep=1)
-    logits = first.logits[index]  # [n, 1, V]
+    logps = selective_log_softmax(first.logits[index] / temperature, completion_ids[:, :1])  # [n, 1]
     if T > 1:
         cache = first.past_key_values
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
@@ -538,8 +538,9 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
                      past_key_values=cache, use_cache=True).logits  # [n, T-1, V]
-        logits = torch.cat([logits, rest], dim=1)  # [n, T, V]: position t predicts completion token t
-    return selective_log_softmax(logits / temperature, completion_ids)
+        # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
+        logps = torch.cat([logps, selective_log_softmax(rest / temperature, completion_ids[:, 1:])], dim=1)
+    return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
 
 
 def mean_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

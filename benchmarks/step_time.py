@@ -13,9 +13,11 @@ round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first st
 and is not counted.
 
 Reported per implementation: the median seconds of each phase (generation, reference/old log-probs, loss and
-backward, optimiser) and of the whole step, completion tokens per second, and peak memory. Peak memory is the
-peak RSS above the block's starting RSS on CPU (a 10 ms sampler; it covers activations and optimiser state), or
-torch.cuda.max_memory_allocated on CUDA. The last table gives grpo_mini / TRL for every figure. TRL is a
+backward, optimiser) and of the whole step, completion tokens per second, and peak memory. Peak memory is
+measured in a FRESH process per implementation, one block of --steps steps after the models are loaded: the peak
+RSS above the RSS before the block (a 10 ms sampler; it covers activations, logits and optimiser state) on CPU,
+or torch.cuda.max_memory_allocated on CUDA. Inside the shared timing process, memory that the allocator kept from
+the other implementation's block would hide part of the next block's growth. The last table gives grpo_mini / TRL for every figure. TRL is a
 benchmark-only dependency (`pip install trl`); none of the four modules import it.
 """
 
@@ -26,6 +28,7 @@ import copy
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -196,11 +199,42 @@ def trl_block(model_dir: str, tokenizer, problems, cfg: g.Config, device, steps:
     return {"records": records[1:], "peak_bytes": memory.peak}
 
 
+def config_for(beta: float, device) -> g.Config:
+    return g.Config(prompts_per_step=4, num_generations=8, max_completion_length=64, beta=beta, loss_type="dapo",
+                    temperature=0.7, device=str(device))
+
+
+def memory_child(args, device, problems) -> int:
+    """Child-process mode: load, run one block of one implementation, print its peak memory growth."""
+    model, tokenizer = build_model(args.models[0])
+    model.to(device)
+    cfg = config_for(args.betas[0], device)
+    model.generation_config.min_new_tokens = cfg.max_completion_length
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.memory_of == "trl":
+            g.save_model(model, tokenizer, Path(workdir) / "model")
+            del model
+            block = trl_block(str(Path(workdir) / "model"), tokenizer, problems, cfg, device, args.steps, workdir)
+        else:
+            block = grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps)
+    print(f"peak_mib {block['peak_bytes'] / 2**20:.1f}")
+    return 0
+
+
+def peak_memory_in_fresh_process(impl: str, model_name: str, beta: float, args) -> float:
+    result = subprocess.run([sys.executable, __file__, "--models", model_name, "--betas", str(beta), "--steps",
+                             str(args.steps), "--device", args.device, "--memory-of", impl],
+                            capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("peak_mib ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"error: memory measurement of {impl} failed:\n{result.stderr[-2000:]}")
+    return float(lines[-1].split()[1])
+
+
 def summarise(blocks: list) -> dict:
     records = [r for block in blocks for r in block["records"]]
     out = {key: statistics.median(r[key] for r in records) for key in PHASES + ("step_s",)}
     out["tokens_per_s"] = statistics.median(r["tokens"] / r["step_s"] for r in records)
-    out["peak_mib"] = max(block["peak_bytes"] for block in blocks) / 2**20
     out["steps"] = len(records)
     return out
 
@@ -214,6 +248,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per block; the first is a warm-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
+    parser.add_argument("--memory-of", choices=["grpo_mini", "trl"], help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("error: --steps must be >= 2 (the first step of a block is a warm-up)")
@@ -226,6 +261,8 @@ def main() -> int:
         print("trl is not installed: timing grpo_mini alone (pip install trl to compare)")
     g.set_seed(0)
     problems = g.make_arithmetic_split(0, 400, 1)[0]
+    if args.memory_of:
+        return memory_child(args, device, problems)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x {args.steps - 1} steps")
     header = "| model | beta | impl | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | peak MiB |"
@@ -237,8 +274,7 @@ def main() -> int:
         if with_trl:
             g.save_model(base_model, tokenizer, Path(trl_dir.name))
         for beta in args.betas:
-            cfg = g.Config(prompts_per_step=4, num_generations=8, max_completion_length=64, beta=beta,
-                           loss_type="dapo", temperature=0.7, device=str(device), max_tokens_per_micro_batch=8192)
+            cfg = config_for(beta, device)
             model.generation_config.min_new_tokens = cfg.max_completion_length  # grpo_mini's forced length
             blocks = {"grpo_mini": [], **({"trl": []} if with_trl else {})}
             for _ in range(args.rounds):
@@ -248,6 +284,8 @@ def main() -> int:
                         blocks["trl"].append(trl_block(trl_dir.name, tokenizer, problems, cfg, device, args.steps,
                                                        workdir))
             summary = {impl: summarise(b) for impl, b in blocks.items()}
+            for impl in summary:
+                summary[impl]["peak_mib"] = peak_memory_in_fresh_process(impl, name, beta, args)
             for impl, s in summary.items():
                 rows.append(f"| {name} | {beta:g} | {impl} | {s['generate_s']:.2f} | {s['ref_old_logps_s']:.2f} | "
                             f"{s['loss_backward_s']:.2f} | {s['optimizer_s']:.2f} | {s['step_s']:.2f} | "
