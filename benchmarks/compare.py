@@ -1,6 +1,6 @@
 """benchmarks/compare.py: GRPO, SEED-GRPO, GFPO-shortest and GFPO-token-efficiency, same model, task, seed and budget.
 
-    python benchmarks/compare.py                          # CPU preset: SmolLM2-135M, 1 seed (about 45 min, 2 cores)
+    python benchmarks/compare.py                          # CPU preset: SmolLM2-135M, 1 seed (32.5 min on 2 cores)
     python benchmarks/compare.py --seeds 0 1 2            # mean +- std over seeds
     python benchmarks/compare.py --preset gpu --seeds 0 1 2
     python benchmarks/compare.py --set max_steps=2 num_eval_problems=4 --methods grpo gfpo_shortest   # quick look
