@@ -1063,10 +1063,9 @@ def parse_config(config_cls=Config, argv: Optional[list] = None, description: st
 
 
 def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
-    """Parse flags, validate them before any model loads, train. Bad input: one line on stderr, exit code 2."""
+    """Parse flags and train; train() validates them before any model loads. Bad input: one line on stderr, exit 2."""
     cfg = parse_config(config_cls, argv, description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
     try:
-        cfg.validate()
         train(cfg, **train_kwargs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -134,10 +134,10 @@ def plot_curves(runs: dict, path: Path) -> bool:
     except ImportError:
         return False
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("reward", "reward", "training reward (mean of the step's samples)"),
-              ("eval_accuracy", "eval_accuracy", "held-out greedy accuracy"),
-              ("eval_completion_len", "eval_completion_len", "held-out mean completion length (tokens)")]
-    for axis, (key, _, title) in zip(axes, panels):
+    panels = [("reward", "training reward (mean of the step's samples)"),
+              ("eval_accuracy", "held-out greedy accuracy"),
+              ("eval_completion_len", "held-out mean completion length (tokens)")]
+    for axis, (key, title) in zip(axes, panels):
         for method, per_seed in runs.items():
             by_step: dict = {}
             for run in per_seed:
