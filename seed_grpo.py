@@ -156,7 +156,6 @@ def seed_advantage_fn(cfg: SeedConfig):
                                        alpha=cfg.alpha, scale_rewards=cfg.scale_rewards)
         return adv, {"semantic_entropy": entropy.mean().item(), "seed_factor": factors.mean().item()}
 
-    advantages.needs_sampling_logps = cfg.estimator == "likelihood"
     return advantages
 
 

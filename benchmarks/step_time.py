@@ -1,7 +1,7 @@
 """benchmarks/step_time.py: one GRPO step, phase by phase, for grpo_mini and (when installed) TRL's GRPOTrainer.
 
     python benchmarks/step_time.py                            # tiny random model and SmolLM2-135M, beta 0 and 0.04
-    python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 3
+    python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 2    # the README's table
     python benchmarks/step_time.py --models qwen2.5-0.5b-random --device cuda    # on a GPU
 
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
@@ -11,6 +11,21 @@ characters), so groups almost never have zero spread. grpo_mini's skip of zero-a
 help here, and the numbers measure raw step efficiency. The two run in alternating blocks in this one process:
 round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up
 and is not counted.
+
+TRL runs twice: `trl_default` is GRPOConfig's own defaults (gradient checkpointing on, bf16 on), and `trl_best` is
+what a user after speed would set on this device: gradient checkpointing off (memory allows it at these sizes) and
+bf16 only where the device computes it fast (CUDA, or a CPU with AMX / AVX512-BF16), else fp32. grpo_mini runs
+with --dtype auto, which picks by the same rule.
+
+Utilisation. The FLOPs are the USEFUL matmul work of a step, the same numerator for every implementation:
+    generation        2 x params x (distinct prompt tokens + generated tokens)
+    ref/old log-probs 2 x params x (distinct prompt tokens + completion tokens), per forward that a setting needs
+    loss + backward   6 x params x (distinct prompt tokens + completion tokens)
+params counts every weight matrix once (a tied embedding once, as the vocabulary projection); attention's own
+score and value products (about 4 x layers x context x width per token) are left out, as in the usual 6N rule.
+So an implementation that prefills each prompt G times, or recomputes activations, does more work for the same
+FLOPs and shows a lower utilisation. utilisation = FLOPs / (seconds x peak), where peak is the best matmul rate this
+script measures itself at the model's shapes, in the dtype that phase runs in.
 
 Reported per implementation: the median seconds of each phase (generation, reference/old log-probs, loss and
 backward, optimiser) and of the whole step, completion tokens per second, and peak memory. Peak memory is
@@ -41,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo_mini as g  # noqa: E402
 
 PHASES = ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s")
+IMPLEMENTATIONS = ("grpo_mini", "trl_best", "trl_default")
 
 
 def char_count_reward(completions, answers=None, **_):
@@ -112,6 +128,7 @@ class PeakMemory:
 def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: int) -> dict:
     """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    sampler = g.make_sampling_model(model, g.pick_dtype(cfg.dtype, device))  # as train() does
     records = []
     with PeakMemory(device) as memory:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
@@ -121,7 +138,7 @@ def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: in
             batch = problems[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step]
             start = time.perf_counter()
             ro, _, _, seconds = g.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
-                                            char_count_reward, make_advantages)
+                                            char_count_reward, make_advantages, sampler=sampler)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds["step_s"] = time.perf_counter() - start
@@ -131,7 +148,16 @@ def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: in
     return {"records": records[1:], "peak_bytes": memory.peak}
 
 
-def trl_block(model_dir: str, tokenizer, problems, cfg: g.Config, device, steps: int, workdir: str) -> dict:
+def trl_precision(impl: str, device) -> dict:
+    """GRPOConfig flags of the two TRL settings (see the module docstring)."""
+    if impl == "trl_default":
+        return {}  # GRPOConfig's defaults: gradient_checkpointing=True, bf16=True
+    fast_bf16 = device.type == "cuda" or g.cpu_has_fast_bf16()
+    return {"gradient_checkpointing": False, "bf16": fast_bf16}
+
+
+def trl_block(model_dir: str, tokenizer, problems, cfg: g.Config, device, steps: int, workdir: str,
+              impl: str = "trl_best") -> dict:
     """`steps` steps of TRL's GRPOTrainer with the same settings; phases timed by wrapping its methods.
 
     TRL gets the model as a directory: with beta > 0 it builds its reference model by loading that path."""
@@ -147,7 +173,7 @@ def trl_block(model_dir: str, tokenizer, problems, cfg: g.Config, device, steps:
         temperature=cfg.temperature, top_k=0, top_p=1.0, beta=cfg.beta, loss_type=cfg.loss_type,
         epsilon=cfg.epsilon, learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, max_steps=steps,
         lr_scheduler_type="constant", warmup_steps=0, gradient_accumulation_steps=1, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+        report_to="none", save_strategy="no", use_cpu=device.type == "cpu", **trl_precision(impl, device),
         generation_kwargs={"min_new_tokens": cfg.max_completion_length}, disable_tqdm=True, seed=cfg.seed,
         shuffle_dataset=False, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model_dir, reward_funcs=char_count_reward, args=args,
@@ -211,10 +237,11 @@ def memory_child(args, device, problems) -> int:
     cfg = config_for(args.betas[0], device)
     model.generation_config.min_new_tokens = cfg.max_completion_length
     with tempfile.TemporaryDirectory() as workdir:
-        if args.memory_of == "trl":
+        if args.memory_of.startswith("trl"):
             g.save_model(model, tokenizer, Path(workdir) / "model")
             del model
-            block = trl_block(str(Path(workdir) / "model"), tokenizer, problems, cfg, device, args.steps, workdir)
+            block = trl_block(str(Path(workdir) / "model"), tokenizer, problems, cfg, device, args.steps, workdir,
+                              impl=args.memory_of)
         else:
             block = grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps)
     print(f"peak_mib {block['peak_bytes'] / 2**20:.1f}")
@@ -235,8 +262,43 @@ def summarise(blocks: list) -> dict:
     records = [r for block in blocks for r in block["records"]]
     out = {key: statistics.median(r[key] for r in records) for key in PHASES + ("step_s",)}
     out["tokens_per_s"] = statistics.median(r["tokens"] / r["step_s"] for r in records)
+    out["tokens"] = statistics.median(r["tokens"] for r in records)
     out["steps"] = len(records)
     return out
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in a matmul per token: every parameter of >= 2 dimensions, a tied matrix once."""
+    return sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+
+
+def measured_peak_flops(model, dtype: torch.dtype, device, tokens: int = 2048, repeats: int = 5) -> float:
+    """The best matmul rate (FLOP/s) at this model's shapes: [tokens, in] @ [in, out] for every distinct weight
+    shape (attention, MLP, vocabulary projection), in `dtype`, median of `repeats` after a warm-up."""
+    shapes = sorted({tuple(p.shape) for p in model.parameters() if p.dim() == 2})
+    best = 0.0
+    for out_features, in_features in shapes:
+        x = torch.randn(tokens, in_features, dtype=dtype, device=device)
+        w = torch.randn(in_features, out_features, dtype=dtype, device=device)
+        x @ w
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            x @ w
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * tokens * in_features * out_features / statistics.median(times))
+    return best
+
+
+def phase_flops(params: int, prompt_tokens: float, completion_tokens: float, beta: float) -> dict:
+    """Useful matmul FLOPs per phase of one step (module docstring): the same for every implementation."""
+    tokens = prompt_tokens + completion_tokens
+    return {"generate_s": 2 * params * tokens, "ref_old_logps_s": 2 * params * tokens if beta > 0 else 0.0,
+            "loss_backward_s": 6 * params * tokens}
 
 
 def main() -> int:
@@ -248,7 +310,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per block; the first is a warm-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
-    parser.add_argument("--memory-of", choices=["grpo_mini", "trl"], help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("error: --steps must be >= 2 (the first step of a block is a warm-up)")
@@ -263,46 +325,70 @@ def main() -> int:
     problems = g.make_arithmetic_split(0, 400, 1)[0]
     if args.memory_of:
         return memory_child(args, device, problems)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x {args.steps - 1} steps")
-    header = "| model | beta | impl | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | peak MiB |"
-    rows, ratios = [header, "|" + "---|" * 10], []
+    impls = list(IMPLEMENTATIONS) if with_trl else ["grpo_mini"]
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, fast bf16 on this CPU: "
+          f"{g.cpu_has_fast_bf16()}; 4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x "
+          f"{args.steps - 1} steps")
+    header = ("| model | beta | impl | dtype | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | "
+              "peak MiB |")
+    rows, ratios, utilisation = [header, "|" + "---|" * 11], [], []
     for name in args.models:
         base_model, tokenizer = build_model(name)
         model = base_model.to(device)
+        params = matmul_params(model)
+        peaks = {dtype: measured_peak_flops(model, dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+        print(f"{name}: {params / 1e6:.1f}M matmul parameters; measured matmul peak fp32 {peaks[torch.float32] / 1e9:.0f}"
+              f" GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s", flush=True)
         trl_dir = tempfile.TemporaryDirectory()
         if with_trl:
             g.save_model(base_model, tokenizer, Path(trl_dir.name))
         for beta in args.betas:
             cfg = config_for(beta, device)
             model.generation_config.min_new_tokens = cfg.max_completion_length  # grpo_mini's forced length
-            blocks = {"grpo_mini": [], **({"trl": []} if with_trl else {})}
+            blocks = {impl: [] for impl in impls}
             for _ in range(args.rounds):
                 blocks["grpo_mini"].append(grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps))
-                if with_trl:
+                for impl in impls[1:]:
                     with tempfile.TemporaryDirectory() as workdir:
-                        blocks["trl"].append(trl_block(trl_dir.name, tokenizer, problems, cfg, device, args.steps,
-                                                       workdir))
+                        blocks[impl].append(trl_block(trl_dir.name, tokenizer, problems, cfg, device, args.steps,
+                                                      workdir, impl=impl))
             summary = {impl: summarise(b) for impl, b in blocks.items()}
             for impl in summary:
                 summary[impl]["peak_mib"] = peak_memory_in_fresh_process(impl, name, beta, args)
+            # the distinct prompt tokens of the timed steps' batches (the same prompts for every implementation)
+            batches = [problems[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step] for i in range(1, args.steps)]
+            prompt_tokens = statistics.mean(
+                sum(len(tokenizer(g.format_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
+                    for p in batch) for batch in batches)
             for impl, s in summary.items():
-                rows.append(f"| {name} | {beta:g} | {impl} | {s['generate_s']:.2f} | {s['ref_old_logps_s']:.2f} | "
-                            f"{s['loss_backward_s']:.2f} | {s['optimizer_s']:.2f} | {s['step_s']:.2f} | "
-                            f"{s['tokens_per_s']:.0f} | {s['peak_mib']:.0f} |")
-            if with_trl:
-                ours, theirs = summary["grpo_mini"], summary["trl"]
+                dtype = (g.pick_dtype(cfg.dtype, device) if impl == "grpo_mini" else
+                         torch.bfloat16 if trl_precision(impl, device).get("bf16", True) else torch.float32)
+                rows.append(f"| {name} | {beta:g} | {impl} | {str(dtype).replace('torch.', '')} | "
+                            f"{s['generate_s']:.2f} | {s['ref_old_logps_s']:.2f} | {s['loss_backward_s']:.2f} | "
+                            f"{s['optimizer_s']:.2f} | {s['step_s']:.2f} | {s['tokens_per_s']:.0f} | "
+                            f"{s['peak_mib']:.0f} |")
+                flops = phase_flops(params, prompt_tokens, s["tokens"], beta)
+                total = sum(flops.values())
+                cells = [f"{flops[k] / 1e12:.2f} TFLOP, {flops[k] / s[k] / peaks[dtype]:.0%}" if flops[k] and s[k]
+                         else "-" for k in ("generate_s", "ref_old_logps_s", "loss_backward_s")]
+                utilisation.append(f"| {name} | {beta:g} | {impl} | " + " | ".join(cells)
+                                   + f" | {total / 1e12:.2f} TFLOP, {total / s['step_s'] / peaks[dtype]:.0%} |")
+            for impl in impls[1:]:
+                ours, theirs = summary["grpo_mini"], summary[impl]
                 ratio = {k: ours[k] / theirs[k] if theirs[k] else float("nan")
                          for k in PHASES + ("step_s", "tokens_per_s", "peak_mib")}
-                ratios.append(f"| {name} | {beta:g} | " + " | ".join(f"{ratio[k]:.2f}" for k in
+                ratios.append(f"| {name} | {beta:g} | {impl} | " + " | ".join(f"{ratio[k]:.2f}" for k in
                               ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s", "step_s",
                                "tokens_per_s", "peak_mib")) + " |")
-            print(rows[-1] if not with_trl else "\n".join(rows[-2:]), flush=True)
+            print("\n".join(rows[-len(impls):]), flush=True)
         trl_dir.cleanup()
     print("\n" + "\n".join(rows))
+    print("\nUseful matmul FLOPs per phase, and utilisation = FLOPs / (seconds x measured peak in that dtype)\n")
+    print("| model | beta | impl | generation | ref/old log-probs | loss+backward | whole step |\n|" + "---|" * 7)
+    print("\n".join(utilisation))
     if ratios:
         print("\ngrpo_mini / TRL (step time and memory: lower is better; tok/s: higher is better)\n")
-        print("| model | beta | generate | ref/old | loss+bwd | optim | step | tok/s | peak mem |\n|" + "---|" * 9)
+        print("| model | beta | vs | generate | ref/old | loss+bwd | optim | step | tok/s | peak mem |\n|" + "---|" * 10)
         print("\n".join(ratios))
     return 0
 

@@ -11,8 +11,22 @@ def test_step_time_benchmark_runs():
     result = run_script("benchmarks/step_time.py", "--models", "tiny-random", "--betas", "0.04", "--rounds", "1",
                         "--steps", "2", "--no-trl", "--device", "cpu", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    table_row = [line for line in result.stdout.splitlines() if line.startswith("| tiny-random | 0.04 | grpo_mini |")]
+    table_row = [line for line in result.stdout.splitlines() if line.startswith("| tiny-random | 0.04 | grpo_mini |")
+                 and "TFLOP" not in line]
     assert len(table_row) == 2  # printed as it is measured, then in the final table
     cells = [c.strip() for c in table_row[-1].strip("|").split("|")]
-    step_s, ref_s = float(cells[7]), float(cells[4])
+    assert cells[3] in ("float32", "bfloat16")
+    step_s, ref_s = float(cells[8]), float(cells[5])
     assert step_s > 0 and ref_s > 0  # beta > 0: the reference forward was timed
+    assert "measured matmul peak fp32" in result.stdout
+    utilisation = [line for line in result.stdout.splitlines() if line.startswith("| tiny-random | 0.04 | grpo_mini | ")
+                   and "TFLOP" in line]
+    assert len(utilisation) == 1 and utilisation[0].count("%") == 4  # generation, ref, loss+backward, whole step
+
+
+def test_phase_flops_counts_useful_work():
+    from benchmarks.step_time import phase_flops
+
+    # 100 parameters, 10 distinct prompt tokens + 30 completion tokens = 40 tokens: 2*100*40, 0 (no KL), 6*100*40
+    assert phase_flops(100, 10, 30, beta=0.0) == {"generate_s": 8000, "ref_old_logps_s": 0.0, "loss_backward_s": 24000}
+    assert phase_flops(100, 10, 30, beta=0.04)["ref_old_logps_s"] == 8000

@@ -10,7 +10,7 @@ import grpo_mini as g
 from conftest import TINY_RUN_FLAGS, run_script
 
 TINY = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=8, num_train_problems=20,
-            num_eval_problems=4, eval_every=0, device="cpu", save_model=False)
+            num_eval_problems=4, eval_every=0, device="cpu", dtype="fp32", save_model=False)  # fp32: exactness tests
 
 
 def digit_fraction_reward(completions, answers):
@@ -97,9 +97,15 @@ def _train(tiny_model, tiny_tokenizer, tmp_path, reward_fn=digit_fraction_reward
     return g.train(cfg, reward_fn=reward_fn, model=tiny_model, tokenizer=tiny_tokenizer, problems=problems), cfg
 
 
+def char_code_reward(completions, answers):
+    """Dense: random samples differ in their characters, so no group has zero spread and every step has a gradient."""
+    return [sum(map(ord, text)) / 1000 for text in completions]
+
+
 def test_every_trainable_parameter_changes_after_one_step(tiny_model, tiny_tokenizer, tmp_path):
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, learning_rate=1e-3, warmup_steps=0)
+    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, learning_rate=1e-3, warmup_steps=0,
+           reward_fn=char_code_reward)
     unchanged = [n for n, p in tiny_model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
     assert unchanged == []
 
@@ -141,7 +147,8 @@ def test_ctrl_c_saves_model_and_metrics(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_num_iterations_two_moves_the_ratio(tiny_model, tiny_tokenizer, tmp_path):
-    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, num_iterations=2, learning_rate=5e-3, warmup_steps=0)
+    _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=1, num_iterations=2, learning_rate=5e-3, warmup_steps=0,
+           reward_fn=char_code_reward)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert record["ratio"] != pytest.approx(1.0, abs=1e-6)  # second pass: the policy moved since sampling
 

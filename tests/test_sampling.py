@@ -1,0 +1,113 @@
+"""The fast sampler (grpo_mini section 4b) and bf16 precision, on the tiny random model.
+
+The sampler must be a faster `model.generate`, nothing else: same greedy tokens, its own first token per row, and
+log-probs equal to a recomputed forward."""
+
+import copy
+
+import pytest
+import torch
+
+import grpo_mini as g
+
+CPU = torch.device("cpu")
+
+
+def _prompts(tokenizer, n=2):
+    problems = g.make_arithmetic_split(0, n, 1)[0]
+    tokenizer.padding_side = "left"
+    enc = tokenizer([g.format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    return problems, enc.input_ids, enc.attention_mask
+
+
+def test_inverse_cdf_sample_worked_example():
+    probs = torch.tensor([[0.1, 0.6, 0.3]] * 3)
+    assert g.inverse_cdf_sample(probs, torch.tensor([0.05, 0.5, 0.95])).tolist() == [0, 1, 2]
+    # a zero-probability token is never drawn, even at the edges of [0, 1)
+    zero_middle = torch.tensor([[0.5, 0.0, 0.5]] * 3)
+    assert 1 not in g.inverse_cdf_sample(zero_middle, torch.tensor([0.0, 0.5, 0.999999])).tolist()
+
+
+def test_inverse_cdf_sample_matches_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.6, 0.3]]).expand(200_000, 3)
+    counts = torch.bincount(g.inverse_cdf_sample(probs, torch.rand(200_000)), minlength=3) / 200_000
+    assert torch.allclose(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.005)
+
+
+def test_greedy_sampling_equals_model_generate(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    _, ids, mask = _prompts(tiny_tokenizer, 3)
+    eos = g.eos_token_ids(tiny_model, tiny_tokenizer)
+    ours, _ = g.sample_completions(tiny_model, ids, mask, repeats=1, max_new_tokens=12, eos_ids=eos,
+                                   pad_id=tiny_tokenizer.pad_token_id, greedy=True)
+    theirs = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=eos)[:, ids.size(1):]
+    assert torch.equal(ours, theirs)
+
+
+def test_every_row_draws_its_own_first_token(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    _, ids, mask = _prompts(tiny_tokenizer, 1)
+    tokens, _ = g.sample_completions(tiny_model, ids, mask, repeats=8, max_new_tokens=3,
+                                     eos_ids=g.eos_token_ids(tiny_model, tiny_tokenizer),
+                                     pad_id=tiny_tokenizer.pad_token_id, temperature=1.0)
+    assert tokens.shape[0] == 8
+    assert len(set(tokens[:, 0].tolist())) > 1  # a shared first token would be the known pitfall
+
+
+def test_sampler_logps_equal_a_recomputed_forward(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    cfg = g.Config(num_generations=4, max_completion_length=10, temperature=0.7, dtype="fp32")
+    problems, _, _ = _prompts(tiny_tokenizer, 2)
+    ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, CPU)
+    recomputed = g.compute_logps_for_rows(tiny_model, ro, list(range(8)), cfg, CPU)
+    mask = ro.completion_mask
+    assert torch.allclose(ro.sampling_logps * mask, recomputed * mask, atol=1e-5)
+
+
+def test_bf16_sampling_copy_is_refreshed_and_keeps_fp32_buffers(tiny_model):
+    sampler = g.make_sampling_model(tiny_model, torch.bfloat16)
+    assert sampler is not tiny_model
+    assert all(p.dtype == torch.bfloat16 for p in sampler.parameters())
+    assert all(b.dtype == torch.float32 for b in sampler.buffers() if b.is_floating_point())
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)
+    g.refresh_sampling_model(sampler, tiny_model)
+    for mine, source in zip(sampler.parameters(), tiny_model.parameters()):
+        assert torch.equal(mine, source.to(torch.bfloat16))
+    assert g.make_sampling_model(tiny_model, torch.float32) is tiny_model  # fp32: no copy
+
+
+def test_dtype_choice():
+    assert g.pick_dtype("fp32", torch.device("cuda")) == torch.float32
+    assert g.pick_dtype("bf16", CPU) == torch.bfloat16
+    assert g.pick_dtype("auto", CPU) == (torch.bfloat16 if g.cpu_has_fast_bf16() else torch.float32)
+    with pytest.raises(g.ConfigError, match="--dtype "):
+        g.Config(dtype="fp16").validate()
+
+
+def test_bf16_step_moves_the_weights_like_an_fp32_step(tiny_tokenizer):
+    """One optimiser step under bf16 autocast and one in fp32, from the same weights on the same rollout: the two
+    updates point the same way (cosine close to 1). The master weights stay fp32 in both."""
+    from conftest import build_tiny_model
+
+    torch.manual_seed(0)
+    base = build_tiny_model(tiny_tokenizer)
+    cfg = g.Config(num_generations=4, max_completion_length=10, dtype="fp32")
+    ro = g.rollout(base, tiny_tokenizer, g.make_arithmetic_split(0, 2, 1)[0], cfg, CPU)
+    ro.rewards = torch.arange(8, dtype=torch.float32) / 8  # dense: every row has an advantage
+    advantages = g.group_advantages(ro.rewards, 4)
+    updates = []
+    for dtype in ("fp32", "bf16"):
+        model = copy.deepcopy(base)
+        step_cfg = g.Config(**{**vars(cfg), "dtype": dtype})
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        g.accumulate_gradients(model, ro, advantages, list(range(8)), None, None, step_cfg, CPU)
+        optimizer.step()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        updates.append(torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())]))
+    cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0).item()
+    assert cosine > 0.99, cosine
