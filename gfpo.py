@@ -16,7 +16,7 @@ Run it:
 
     python gfpo.py                                        # G' = 16, k = 8, token efficiency
     python gfpo.py --filter_metric shortest
-    python gfpo.py --adaptive                             # k from the prompt's difficulty (8/8/6/4 in the paper)
+    python gfpo.py --adaptive                             # k from the prompt's difficulty (8/8/6/4), shortest
     python gfpo.py --filter_metric mymodule:my_metric     # your own: fn(rewards, lengths, completions) -> scores
 
 What you will see: grpo_mini's per-step line plus `len_all` / `len_kept` (mean length of all sampled vs retained
@@ -30,7 +30,7 @@ import bisect
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +48,10 @@ class GFPOConfig(Config):
     """completions sampled per prompt, G' (the paper's 16); only k of them are learned from"""
     num_remains_in_group: int = 8
     """k: completions kept per prompt (2 <= k < num_generations)"""
-    filter_metric: str = "token_efficiency"
-    """token_efficiency (reward / length, highest kept) | shortest (length, lowest kept) | module:function"""
+    filter_metric: Optional[str] = None
+    """token_efficiency (reward / length, highest kept) | shortest (length, lowest kept) | module:function. Default: token_efficiency, or shortest with --adaptive (the paper's adaptive runs use shortest)"""
     adaptive: bool = False
-    """choose k per prompt from its difficulty (mean reward of its G' samples) against the running quartiles"""
+    """choose k per prompt from its difficulty (mean reward of its G' samples) against the running quartiles (Algorithm 2)"""
     k_very_hard: int = 8
     """k for prompts below the 25th percentile of past difficulties (and during the warm-up)"""
     k_hard: int = 8
@@ -60,14 +60,17 @@ class GFPOConfig(Config):
     """k between the 50th and 75th percentile"""
     k_easy: int = 4
     """k above the 75th percentile"""
-    adaptive_warmup: int = 16
-    """prompts recorded before the quartiles are trusted; until then every prompt gets k_very_hard"""
+    adaptive_warmup_steps: int = 2
+    """training steps during which every prompt gets k_very_hard, before the quartiles are used (the paper: "for a few warm-up training steps we retain 8")"""
 
     def validate(self) -> None:
         super().validate()
         if self.loss_type != "dapo":
             raise ConfigError(f"--loss_type must be dapo for GFPO: the paper normalises by the tokens of all G' "
                               f"completions (got {self.loss_type!r})")
+        if self.baseline != "mean":
+            raise ConfigError(f"--baseline {self.baseline}: GFPO's advantage compares each kept sample with the mean "
+                              f"of the kept set; --baseline applies to grpo_mini.py and seed_grpo.py")
         ks = {"num_remains_in_group": self.num_remains_in_group}
         if self.adaptive:
             ks.update(k_very_hard=self.k_very_hard, k_hard=self.k_hard, k_medium=self.k_medium, k_easy=self.k_easy)
@@ -75,9 +78,9 @@ class GFPOConfig(Config):
             if not 2 <= k < self.num_generations:
                 raise ConfigError(f"--{flag} must be at least 2 and below --num_generations ({self.num_generations}):"
                                   f" filtering needs two kept samples to compare and something to drop (got {k})")
-        if self.adaptive_warmup < 1:
-            raise ConfigError(f"--adaptive_warmup must be >= 1 (got {self.adaptive_warmup})")
-        resolve_metric(self.filter_metric)
+        if self.adaptive_warmup_steps < 0:
+            raise ConfigError(f"--adaptive_warmup_steps must be >= 0 (got {self.adaptive_warmup_steps})")
+        resolve_metric(metric_name(self))
 
 
 # ======================================================================================================================
@@ -97,6 +100,14 @@ def token_efficiency(rewards: torch.Tensor, lengths: torch.Tensor, completions: 
 def shortest(rewards: torch.Tensor, lengths: torch.Tensor, completions: Sequence[str]) -> torch.Tensor:
     """Minus the length: the shortest completions score highest, whatever their reward."""
     return -lengths.float()
+
+
+def metric_name(cfg: GFPOConfig) -> str:
+    """--filter_metric, or its default: shortest with --adaptive (as in the paper's adaptive runs), else token
+    efficiency."""
+    if cfg.filter_metric is not None:
+        return cfg.filter_metric
+    return "shortest" if cfg.adaptive else "token_efficiency"
 
 
 def resolve_metric(name: str) -> Metric:
@@ -143,24 +154,31 @@ def filtered_advantages(rewards: torch.Tensor, mask: torch.Tensor, eps: float = 
 
 
 class DifficultyRecord:
-    """Adaptive k: a streaming record of past prompt difficulties (mean reward of their G' samples).
+    """Adaptive k (Algorithm 2 of arXiv 2508.09726): a streaming record of prompt difficulties (the mean reward of
+    a prompt's G' samples).
 
-    A prompt whose difficulty is below the record's 25th percentile is very hard, below the 50th hard, below the
-    75th medium, else easy; each bucket has its k. Until `warmup` difficulties are recorded every prompt gets
-    k_very_hard (the largest, most GRPO-like choice). The paper keeps a t-digest; a sorted list is exact and small
-    enough here. Each step's prompts are bucketed against the record BEFORE they are added to it."""
+    Each step, in the paper's order: the step's difficulties are ADDED to the record first, then the quartiles of
+    the record are read, and each prompt is bucketed: below q25 very hard, below q50 hard, below q75 medium, else
+    easy, each bucket with its k. During the first `warmup_steps` steps every prompt gets k_very_hard (the largest,
+    most GRPO-like choice). The paper keeps a t-digest; a plain list gives exact quartiles and is small enough here.
+        warmup_steps 0, ks [8, 8, 6, 4], step difficulties [0, .25, .5, .75, 1] -> record = those five,
+        quartiles .25 / .5 / .75 -> k = [8, 8, 6, 4, 4]"""
 
-    def __init__(self, ks: Sequence[int], warmup: int):
-        self.ks, self.warmup, self.values = list(ks), warmup, []  # ks: very hard, hard, medium, easy
+    def __init__(self, ks: Sequence[int], warmup_steps: int):
+        self.ks, self.warmup_steps, self.values, self.steps = list(ks), warmup_steps, [], 0
 
-    def k_for(self, difficulty: float) -> int:
-        if len(self.values) < self.warmup:
-            return self.ks[0]
+    def bucket_k(self, difficulty: float) -> int:
+        """k for one difficulty against the record's current quartiles."""
         q25, q50, q75 = np.percentile(self.values, [25, 50, 75])
         return self.ks[bisect.bisect_right([q25, q50, q75], difficulty)]  # 0: below q25 ... 3: at or above q75
 
-    def add(self, difficulties: Sequence[float]) -> None:
+    def step_ks(self, difficulties: Sequence[float]) -> list:
+        """One training step: record the step's difficulties, then return each prompt's k."""
         self.values.extend(float(d) for d in difficulties)
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            return [self.ks[0]] * len(difficulties)
+        return [self.bucket_k(d) for d in difficulties]
 
 
 def excess_length_reduction(length_grpo: float, length_gfpo: float, length_reference: float) -> float:
@@ -175,8 +193,8 @@ def excess_length_reduction(length_grpo: float, length_gfpo: float, length_refer
 def gfpo_advantage_fn(cfg: GFPOConfig):
     """GFPO's replacement for grpo_mini.grpo_advantage_fn. Filtered completions get A = 0, so grpo_mini skips their
     forward and backward when beta == 0 while still counting their tokens in dapo's normaliser."""
-    metric = resolve_metric(cfg.filter_metric)
-    record = DifficultyRecord([cfg.k_very_hard, cfg.k_hard, cfg.k_medium, cfg.k_easy], cfg.adaptive_warmup)
+    metric = resolve_metric(metric_name(cfg))
+    record = DifficultyRecord([cfg.k_very_hard, cfg.k_hard, cfg.k_medium, cfg.k_easy], cfg.adaptive_warmup_steps)
 
     def advantages(ro: Rollout):
         G = ro.num_generations
@@ -184,9 +202,7 @@ def gfpo_advantage_fn(cfg: GFPOConfig):
         scores = torch.stack([metric(rewards[b], lengths[b], ro.completions[b * G:(b + 1) * G])
                               for b in range(rewards.size(0))])  # [B, G']
         if cfg.adaptive:
-            difficulty = rewards.mean(dim=1).tolist()
-            ks = [record.k_for(d) for d in difficulty]
-            record.add(difficulty)
+            ks = record.step_ks(rewards.mean(dim=1).tolist())
         else:
             ks = [cfg.num_remains_in_group] * rewards.size(0)
         mask = retain_mask(scores, ks)

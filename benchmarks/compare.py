@@ -1,22 +1,29 @@
-"""benchmarks/compare.py: GRPO, SEED-GRPO, GFPO-shortest and GFPO-token-efficiency, same model, task, seed and budget.
+"""benchmarks/compare.py: GRPO, SEED-GRPO, GFPO-shortest and GFPO-token-efficiency, same model, task, seeds and steps.
 
-    python benchmarks/compare.py                          # CPU preset: SmolLM2-135M, 1 seed (32.5 min on 2 cores)
-    python benchmarks/compare.py --seeds 0 1 2            # mean +- std over seeds
+    python benchmarks/compare.py --seeds 0 1 2            # the README's Results: CPU preset, 3 seeds
+    python benchmarks/compare.py                          # one seed
     python benchmarks/compare.py --preset gpu --seeds 0 1 2
     python benchmarks/compare.py --set max_steps=2 num_eval_problems=4 --methods grpo gfpo_shortest   # quick look
+    python benchmarks/compare.py --set baseline=leave_one_out           # any training flag, for every method
 
 Each method runs through its own script (`python grpo_mini.py ...`, `python seed_grpo.py ...`,
 `python gfpo.py ...`) in a subprocess. The training code is not re-implemented here. This file only reads
 back each run's metrics.jsonl. It writes, under --output_dir:
-    results.md    one row per method: held-out accuracy before -> after, mean completion length on the eval set,
-                  ELR against the GRPO run of the same seed (reference length: the untrained model's), mean
-                  semantic entropy (SEED-GRPO), completion tokens sampled vs trained, wall time
-    curves.png    reward, held-out accuracy and mean completion length per step, one line per method
-    summary.json  the numbers behind both
+    results.md    one row per method, mean ± std over seeds: held-out accuracy before -> after, held-out mean
+                  completion length before -> after, ELR against the GRPO run of the same seed (reference length: the
+                  untrained model's), mean semantic entropy (SEED-GRPO), completion tokens sampled vs trained,
+                  wall time
+    curves.png    training reward, training completion length, held-out accuracy and held-out length per step:
+                  each method's mean over seeds, with a band of ± one std
+    summary.json  the settings, and every number of the table per method AND per seed
 matplotlib is optional: without it the table is written and a one-line hint is printed.
 
-The budget is the same for every method: the same steps, and the same number of SAMPLED completions per step.
-GRPO and SEED-GRPO sample 4 prompts x 8. GFPO samples 2 prompts x 16 (the paper's G' = 16) and keeps 8 of each.
+How the methods are made comparable, as the GFPO paper compares them (arXiv 2508.09726):
+    - the same prompts per step and the same steps for every method;
+    - GFPO samples G' = 2G completions per prompt and keeps k = G, so it learns from as many completions as GRPO
+      but pays for twice the sampling: the table's "tokens sampled / trained" column shows that cost;
+    - the CPU preset's task is `multistep` with the signed reward (+1 / -1), the setting in which GRPO's answers
+      grow longer (the regime GFPO exists for) and in which token efficiency separates wrong answers by length.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ METHODS = {  # name -> (script, flags that make the method)
     "gfpo_shortest": ("gfpo.py", ["--filter_metric", "shortest"]),
     "gfpo_token_efficiency": ("gfpo.py", ["--filter_metric", "token_efficiency"]),
 }
-PRESETS = {  # flags shared by every method; GFPO halves prompts_per_step to sample as many completions per step
-    "cpu": {"max_steps": 20, "prompts_per_step": 4, "num_generations": 8, "max_completion_length": 48,
-            "num_eval_problems": 64, "eval_every": 5},
-    "gpu": {"max_steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 128,
-            "num_eval_problems": 256, "eval_every": 20, "max_tokens_per_micro_batch": 16384},
+PRESETS = {  # flags shared by every method; GFPO then doubles num_generations and keeps the original G
+    "cpu": {"task": "multistep", "reward": "signed", "max_steps": 15, "prompts_per_step": 4, "num_generations": 8,
+            "max_completion_length": 96, "num_eval_problems": 50, "eval_every": 5},
+    "gpu": {"task": "multistep", "reward": "signed", "max_steps": 200, "prompts_per_step": 16, "num_generations": 8,
+            "max_completion_length": 256, "num_eval_problems": 256, "eval_every": 20,
+            "max_tokens_per_micro_batch": 16384},
 }
 
 
@@ -52,9 +60,8 @@ def method_flags(method: str, settings: dict) -> list:
     """The command-line flags for one method under the shared settings."""
     settings = dict(settings)
     if method.startswith("gfpo"):
-        settings["num_generations"] = 2 * settings["num_generations"]  # G' = 16 with the default 8
-        settings["num_remains_in_group"] = settings["num_generations"] // 2  # keep k = 8 of 16
-        settings["prompts_per_step"] = max(1, settings["prompts_per_step"] // 2)
+        settings["num_remains_in_group"] = settings["num_generations"]  # keep k = G ...
+        settings["num_generations"] = 2 * settings["num_generations"]  # ... of G' = 2G (16 and 8 by default)
     flags = []
     for key, value in settings.items():
         flags += [f"--{key}", str(value)]
@@ -87,6 +94,10 @@ def run_summary(run: dict) -> dict:
     return {
         "acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
         "len_before": evals[0]["eval_completion_len"], "len_after": evals[-1]["eval_completion_len"],
+        "train_len_first": statistics.mean(r["completion_len"] for r in steps[:3]) if steps else None,
+        "train_len_last": statistics.mean(r["completion_len"] for r in steps[-3:]) if steps else None,
+        "grad_norm": statistics.mean(r["grad_norm"] for r in steps if r.get("grad_norm") is not None)
+        if any(r.get("grad_norm") is not None for r in steps) else None,
         "mean_se": statistics.mean(entropies) if entropies else None,
         "tokens_sampled": sum(r["tokens_sampled"] for r in steps),
         "tokens_trained": sum(r["tokens_trained"] for r in steps),
@@ -105,8 +116,8 @@ def mean_std(values: list) -> str:
 
 def build_table(summaries: dict, seeds: list) -> str:
     """Markdown table, one row per method, mean +- std over seeds."""
-    lines = ["| method | held-out acc before -> after | eval length (tokens) | ELR vs GRPO | mean SE (nats) | "
-             "tokens sampled / trained | wall s |", "|" + "---|" * 7]
+    lines = ["| method | held-out acc before -> after | held-out length before -> after (tokens) | ELR vs GRPO | "
+             "mean SE (nats) | mean grad norm | tokens sampled / trained | wall s |", "|" + "---|" * 8]
     for method, per_seed in summaries.items():
         elr = []
         for seed, s in zip(seeds, per_seed):
@@ -118,14 +129,29 @@ def build_table(summaries: dict, seeds: list) -> str:
                 elr.append(None)
         col = lambda key: [s[key] for s in per_seed]  # noqa: E731
         lines.append(
-            f"| {method} | {mean_std(col('acc_before'))} -> {mean_std(col('acc_after'))} | {mean_std(col('len_after'))}"
-            f" | {mean_std(elr)} | {mean_std(col('mean_se'))} | {mean_std(col('tokens_sampled'))} / "
+            f"| {method} | {mean_std(col('acc_before'))} -> {mean_std(col('acc_after'))} | "
+            f"{mean_std(col('len_before'))} -> {mean_std(col('len_after'))} | {mean_std(elr)} | "
+            f"{mean_std(col('mean_se'))} | {mean_std(col('grad_norm'))} | {mean_std(col('tokens_sampled'))} / "
             f"{mean_std(col('tokens_trained'))} | {mean_std(col('wall_s'))} |")
     return "\n".join(lines)
 
 
+def curve(per_seed: list, key: str) -> tuple:
+    """(steps, mean, std) of one metric over seeds, at the steps where every seed logged it."""
+    by_step: dict = {}
+    for run in per_seed:
+        for r in run["records"]:
+            if r.get(key) is not None:
+                by_step.setdefault(r["step"], []).append(r[key])
+    steps = [s for s in sorted(by_step) if len(by_step[s]) == len(per_seed)]
+    means = [statistics.mean(by_step[s]) for s in steps]
+    stds = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    return steps, means, stds
+
+
 def plot_curves(runs: dict, path: Path) -> bool:
-    """Reward, held-out accuracy and eval length per step, mean over seeds. False when matplotlib is missing."""
+    """Four panels of per-step curves, each method's mean over seeds with a ± one std band.
+    False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -133,20 +159,17 @@ def plot_curves(runs: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = [("reward", "training reward (mean of the step's samples)"),
+              ("completion_len", "training completion length (tokens)"),
               ("eval_accuracy", "held-out greedy accuracy"),
               ("eval_completion_len", "held-out mean completion length (tokens)")]
     for axis, (key, title) in zip(axes, panels):
         for method, per_seed in runs.items():
-            by_step: dict = {}
-            for run in per_seed:
-                for r in run["records"]:
-                    if r.get(key) is not None:
-                        by_step.setdefault(r["step"], []).append(r[key])
-            steps = sorted(by_step)
-            axis.plot(steps, [statistics.mean(by_step[s]) for s in steps], marker="o" if key != "reward" else None,
-                      label=method)
+            steps, means, stds = curve(per_seed, key)
+            line, = axis.plot(steps, means, marker="o" if key.startswith("eval") else None, label=method)
+            axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              color=line.get_color(), alpha=0.15)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -190,8 +213,9 @@ def main() -> int:
     header = (f"preset {args.preset}, seeds {args.seeds}, settings {settings}\n"
               f"(mean ± std over seeds where there are several)\n\n")
     (out_dir / "results.md").write_text(header + table + "\n")
-    (out_dir / "summary.json").write_text(json.dumps({"settings": settings, "seeds": args.seeds,
-                                                      "summaries": summaries}, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps({
+        "settings": settings, "seeds": args.seeds, "method_flags": {m: method_flags(m, settings) for m in runs},
+        "per_seed": {m: dict(zip(map(str, args.seeds), per_seed)) for m, per_seed in summaries.items()}}, indent=2))
     print("\n" + table)
     if plot_curves(runs, out_dir / "curves.png"):
         print(f"\nwrote {out_dir / 'results.md'} and {out_dir / 'curves.png'}")

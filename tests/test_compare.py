@@ -18,11 +18,28 @@ def test_compare_runs_all_four_methods(tiny_model_dir, tmp_path):
         "grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
     assert "n/a" not in rows[1].split("|")[5]  # SEED-GRPO reports its mean semantic entropy
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["summaries"]["gfpo_shortest"][0]["tokens_trained"] <= summary["summaries"]["gfpo_shortest"][0][
-        "tokens_sampled"]
+    gfpo = summary["per_seed"]["gfpo_shortest"]["0"]
+    assert gfpo["tokens_trained"] <= gfpo["tokens_sampled"]
+    # the same prompts per step for every method; GFPO samples G' = 2G and keeps k = G
+    flags = summary["method_flags"]
+    assert flags["gfpo_shortest"][flags["gfpo_shortest"].index("--prompts_per_step") + 1] == "2"
+    assert flags["gfpo_shortest"][flags["gfpo_shortest"].index("--num_generations") + 1] == "4"
+    assert flags["gfpo_shortest"][flags["gfpo_shortest"].index("--num_remains_in_group") + 1] == "2"
+    assert flags["grpo"][flags["grpo"].index("--num_generations") + 1] == "2"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "pip install matplotlib" in result.stdout
     else:
         assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_curve_is_the_mean_and_std_over_seeds():
+    from benchmarks.compare import curve, mean_std
+
+    seeds = [{"records": [{"step": 1, "reward": 0.0}, {"step": 2, "reward": 1.0}]},
+             {"records": [{"step": 1, "reward": 1.0}, {"step": 2, "reward": 1.0}, {"step": 3, "reward": 5.0}]}]
+    steps, means, stds = curve(seeds, "reward")
+    assert steps == [1, 2]  # step 3 was logged by one seed only
+    assert means == [0.5, 1.0] and abs(stds[0] - 0.7071) < 1e-4 and stds[1] == 0.0
+    assert mean_std([0.5, 0.7]) == "0.6 ± 0.14"

@@ -41,16 +41,27 @@ def test_zero_variance_retained_set_gets_zero_advantage():
     assert adv.tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_difficulty_buckets_and_warmup():
-    record = gfpo.DifficultyRecord([8, 8, 6, 4], warmup=4)
-    assert record.k_for(0.9) == 8  # empty record: warm-up, k_very_hard
-    record.add([0.0, 0.25, 0.5])
-    assert record.k_for(1.0) == 8  # 3 < 4 entries: still warming up
-    record.add([0.75, 1.0])  # quartiles of [0, .25, .5, .75, 1] = 0.25, 0.5, 0.75
-    assert [record.k_for(d) for d in (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)] == [8, 8, 8, 6, 6, 4, 4]
-    record = gfpo.DifficultyRecord([9, 7, 5, 3], warmup=1)
-    record.add([0.0, 0.25, 0.5, 0.75, 1.0])
-    assert [record.k_for(d) for d in (0.1, 0.3, 0.6, 0.8)] == [9, 7, 5, 3]
+def test_difficulty_record_docstring_example_adds_first_then_buckets():
+    record = gfpo.DifficultyRecord([8, 8, 6, 4], warmup_steps=0)
+    assert record.step_ks([0.0, 0.25, 0.5, 0.75, 1.0]) == [8, 8, 6, 4, 4]
+    # adding first matters: a lone first prompt is its own whole record (all quartiles equal it), so it is "easy";
+    # bucketing before adding would have had no record to read at all
+    assert gfpo.DifficultyRecord([8, 8, 6, 4], warmup_steps=0).step_ks([0.3]) == [4]
+
+
+def test_difficulty_warmup_counts_steps():
+    record = gfpo.DifficultyRecord([9, 7, 5, 3], warmup_steps=2)
+    assert record.step_ks([0.0, 1.0]) == [9, 9]  # step 1: warm-up
+    assert record.step_ks([0.25, 0.75]) == [9, 9]  # step 2: warm-up, however many prompts were recorded
+    # step 3: record [0, 1, .25, .75, .5, .1] -> q25 0.1375, q50 0.375, q75 0.6875
+    assert record.step_ks([0.5, 0.1]) == [5, 9]
+    assert [record.bucket_k(d) for d in (0.1, 0.3, 0.6, 0.8)] == [9, 7, 5, 3]
+
+
+def test_adaptive_defaults_to_the_shortest_metric():
+    assert gfpo.metric_name(gfpo.GFPOConfig()) == "token_efficiency"
+    assert gfpo.metric_name(gfpo.GFPOConfig(adaptive=True)) == "shortest"
+    assert gfpo.metric_name(gfpo.GFPOConfig(adaptive=True, filter_metric="token_efficiency")) == "token_efficiency"
 
 
 def test_excess_length_reduction():
@@ -110,7 +121,7 @@ def test_user_metric_resolves():
         gfpo.resolve_metric("tests.test_gfpo:my_metric"))
 
 
-@pytest.mark.parametrize("extra", [["--filter_metric", "shortest"], ["--adaptive", "--adaptive_warmup", "2"]])
+@pytest.mark.parametrize("extra", [["--filter_metric", "shortest"], ["--adaptive", "--adaptive_warmup_steps", "1"]])
 def test_gfpo_smoke_two_steps(tiny_model_dir, tmp_path, extra):
     out = tmp_path / "gfpo"
     result = run_script("gfpo.py", "--model", tiny_model_dir, "--output_dir", out, *TINY_RUN_FLAGS,

@@ -217,3 +217,34 @@ def test_policy_loss_matches_trl_transcription(loss_type, level, beta, eps_high)
         down[i, t] -= h
         numeric = (trl_reference(up.tolist(), *args) - trl_reference(down.tolist(), *args)) / (2 * h)
         assert logp.grad[i, t].item() == pytest.approx(numeric, abs=1e-6), (i, t)
+
+
+def test_leave_one_out_baseline_docstring_example():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    none = g.group_advantages(rewards, 2, "none", baseline="leave_one_out")
+    assert none.tolist() == [1.0, -1.0, 0.0, 0.0]
+    group = g.group_advantages(rewards, 2, "group", baseline="leave_one_out")
+    assert torch.allclose(group, torch.tensor([1.4140, -1.4140, 0.0, 0.0]), atol=1e-4)
+    # G = 4: r_i - mean of the other three, by hand
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    by_hand = torch.tensor([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3])
+    assert torch.allclose(g.group_advantages(rewards, 4, "none", baseline="leave_one_out"), by_hand)
+    with pytest.raises(g.ConfigError, match="--baseline "):
+        g.Config(baseline="median").validate()
+
+
+def test_signed_reward_docstring_example_and_invariance():
+    assert g.signed_correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, -1.0, -1.0]
+    binary = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(g.group_advantages(binary, 4), g.group_advantages(2 * binary - 1, 4), atol=1e-3)
+
+
+def test_multistep_problem_docstring_example_and_split():
+    import random
+
+    p = g.make_multistep_problem(random.Random(0))  # the docstring's example
+    assert p.prompt == ("Grace has 5 cookies. Then Grace gives away 4 cookies. Then Grace finds 6 more cookies. "
+                        "How many cookies does Grace have now? Work it out step by step.") and p.answer == 7.0
+    train, held_out = g.make_arithmetic_split(0, 50, 10, g.make_multistep_problem)
+    assert len(train) == 50 and len(held_out) == 10
+    assert not {q.prompt for q in held_out} & {q.prompt for q in train}

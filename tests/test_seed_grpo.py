@@ -115,4 +115,40 @@ def test_seed_grpo_smoke_two_steps(tiny_model_dir, tmp_path):
     assert len(steps) == 2
     for r in steps:
         assert 0.0 <= r["semantic_entropy"] <= math.log(4) + 1e-6 and 0.5 - 1e-6 <= r["seed_factor"] <= 1.0
-    assert json.loads((out / "config.json").read_text())["scale_rewards"] == "none"
+    assert json.loads((out / "config.json").read_text())["scale_rewards"] == "group"  # see the module docstring
+
+
+# ---------------------------------------------------------------------------------------------- closer to the paper
+def test_exact_judge_docstring_example():
+    from semantic_entropy import ExactAnswerJudge, MathAnswerJudge
+
+    responses = ["so 12", "it is 12.0", "12", "no idea", "no idea"]
+    assert ExactAnswerJudge().cluster(responses) == [0, 1, 0, 2, 3]
+    assert MathAnswerJudge().cluster(responses) == [0, 0, 0, 1, 2]  # numeric: 12 and 12.0 merge
+    assert g.final_answer_text("so 3 + 4 = 7.0") == "7.0" and g.final_answer_text("\\boxed{ 12 }") == "12"
+    assert g.final_answer_text("no idea") is None
+
+
+def test_monte_carlo_estimator_uses_raw_sequence_logprobs():
+    """Two prompts of G = 2. The MC form uses the SUM of token log-probs (the paper's raw sequence probability)."""
+    ro = g.Rollout(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1),
+                   completion_ids=torch.zeros(4, 2, dtype=torch.long), completion_mask=torch.tensor(
+                       [[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]), truncated=torch.zeros(4, dtype=torch.bool),
+                   completions=["7", "8", "7", "7"], answers=[7.0] * 4, questions=["q1", "q1", "q2", "q2"],
+                   num_generations=2, rewards=torch.zeros(4),
+                   sampling_logps=torch.tensor([[-1.0, -1.0], [-1.0, 9.0], [-0.5, -0.5], [-2.0, 0.0]]))
+    from semantic_entropy import MathAnswerJudge, monte_carlo_semantic_entropy
+
+    se = sg.group_entropies(ro, MathAnswerJudge(), "monte_carlo")
+    # prompt 1: two clusters with sequence log-probs -2 and -1 (the 9.0 is masked out); prompt 2: one cluster -> 0
+    assert se[0].item() == pytest.approx(monte_carlo_semantic_entropy([0, 1], [-2.0, -1.0]), abs=1e-6)
+    assert se[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_authors_flag_set_parses():
+    cfg = g.parse_config(sg.SeedConfig, ["--judge", "exact", "--estimator", "likelihood", "--modulation", "inverse",
+                                         "--alpha", "0.0417", "--scale_rewards", "none"])
+    cfg.validate()
+    # alpha 0.0417 in f(alpha * SE / log G) is the authors' alpha_eff = 0.0417 / log G times SE
+    factor = sg.modulation_factor(torch.tensor([math.log(8)]), 8, "inverse", cfg.alpha)
+    assert factor.item() == pytest.approx(1 / 1.0417, abs=1e-6)

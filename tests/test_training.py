@@ -247,3 +247,15 @@ def test_reference_logps_with_micro_batches_match_one_batch(tiny_model, tiny_tok
     many = g.compute_logps_for_rows(ref, ro, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 30}),
                                     torch.device("cpu"))
     assert torch.allclose(one * ro.completion_mask, many * ro.completion_mask, atol=1e-5)
+
+
+def test_gspo_with_a_token_level_aggregation_warns_in_one_line(tiny_model_dir, tmp_path):
+    result = run_script("grpo_mini.py", "--model", tiny_model_dir, "--output_dir", tmp_path / "run", *TINY_RUN_FLAGS,
+                        "--max_steps", "0", "--importance_sampling_level", "sequence", "--no-save_model")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings_ = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings_) == 1 and "--loss_type grpo" in warnings_[0]
+    result = run_script("grpo_mini.py", "--model", tiny_model_dir, "--output_dir", tmp_path / "run2", *TINY_RUN_FLAGS,
+                        "--max_steps", "0", "--importance_sampling_level", "sequence", "--loss_type", "grpo",
+                        "--no-save_model")
+    assert result.returncode == 0 and "warning: " not in result.stderr
