@@ -27,6 +27,8 @@ Sections follow the algorithm:
     1. Config            2. Task and rewards     3. Model loading       4. Rollout
     5. Log-probs         6. Advantages           7. Loss                8. Training loop
     9. Evaluation        10. Command line
+Section 4b (fast sampling) is engineering, not algorithm: a first-time reader can take `sample_completions` as "a
+faster model.generate" and skip it.
 
 `seed_grpo.py` and `gfpo.py` import everything here and replace only the advantage step (section 6); reading one
 of them is reading the difference between that algorithm and GRPO.
@@ -98,7 +100,7 @@ class Config:
     save_model: bool = True
     """save the trained model and tokenizer to OUTPUT_DIR/model at the end (and on Ctrl-C)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
-    max_steps: int = 20
+    max_steps: int = 50
     """training steps; each step samples prompts_per_step x num_generations completions"""
     prompts_per_step: int = 4
     """prompts per step (B); the step trains on B x num_generations completions"""
@@ -124,6 +126,10 @@ class Config:
     """token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO, arXiv 2507.18071)"""
     num_iterations: int = 1
     """optimisation passes over each rollout batch (mu in the paper); > 1 makes the ratio differ from 1"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose G rewards are all equal (no signal) and refill the step with groups for fresh prompts, in up to --max_resample_rounds extra generate calls"""
+    max_resample_rounds: int = 2
+    """with --dynamic_sampling: extra generate calls per step at most; the step trains on what it has when they run out"""
     # --- optimiser --------------------------------------------------------------------------------------------------
     learning_rate: float = 3e-5
     """AdamW learning rate (constant after warm-up)"""
@@ -147,7 +153,14 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for any invalid value. Called before any model is loaded."""
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below the wrong way: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number (got {value!r})")
         checks = [
+            (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (self.num_train_problems <= 1_000_000, "num_train_problems", "must be <= 1,000,000"),
             (self.num_generations >= 2, "num_generations", "must be >= 2 (a group needs two samples to compare)"),
             (self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
             (self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}"),
@@ -157,8 +170,9 @@ class Config:
             (self.epsilon > 0, "epsilon", "must be > 0"),
             (self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be > 0 or None"),
             (self.max_completion_length >= 1, "max_completion_length", "must be >= 1"),
-            (self.temperature > 0, "temperature", "must be > 0"),
+            (self.temperature >= 0.01, "temperature", "must be >= 0.01 (logits / T overflows below that)"),
             (self.num_iterations >= 1, "num_iterations", "must be >= 1"),
+            (self.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0"),
             (self.max_steps >= 0, "max_steps", "must be >= 0"),
             (self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
@@ -258,9 +272,14 @@ def make_arithmetic_split(seed: int, num_train: int, num_eval: int,
     """Seeded train/eval split of generated problems, with no prompt shared between the two."""
     rng = random.Random(seed)
     eval_set: dict[str, Problem] = {}
+    misses = 0  # draws in a row that found no new prompt
     while len(eval_set) < num_eval:
         p = make_problem(rng)
+        misses = misses + 1 if p.prompt in eval_set else 0
         eval_set.setdefault(p.prompt, p)
+        if misses > 2000:  # the task has (nearly) run out of distinct prompts: stop, don't hang
+            raise ConfigError(f"--num_eval_problems {num_eval}: the built-in task gave only {len(eval_set)} "
+                              f"distinct prompts; ask for fewer")
     train: list[Problem] = []
     while len(train) < num_train:
         p = make_problem(rng)
@@ -286,7 +305,11 @@ def load_jsonl_problems(path: str) -> list[Problem]:
                 raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
                 raise ConfigError(f'{where}: expected an object with a string "prompt" and an "answer"')
-            answer = extract_final_number(str(row["answer"]))
+            raw = row["answer"]
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # a JSON number: take it as it is
+                answer = float(raw) if math.isfinite(raw) else None      # (str(1e-05) would read as -5)
+            else:
+                answer = extract_final_number(str(raw))
             if answer is None:
                 raise ConfigError(f'{where}: "answer" has no number in it ({row["answer"]!r})')
             problems.append(Problem(prompt=row["prompt"], answer=answer))
@@ -303,16 +326,25 @@ def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[l
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+# A number: an optional minus sign (only where it cannot be a subtraction or a range, i.e. not right after a letter,
+# digit or closing bracket: "10-15" is 15, "x = -5" is -5), digits with thousands separators, decimals, "/ n".
+_NUMBER = r"(?:(?<![\w)\]])-)?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_BOXED = r"\\boxed\{([^{}]*)\}"
 
 
 def _to_float(text: str) -> Optional[float]:
     text = text.replace(",", "").replace(" ", "")
     try:
         value = float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):  # OverflowError: a fraction too large for a float
         return None
     return value if math.isfinite(value) else None
+
+
+def _normalise_maths(text: str) -> str:
+    """Unicode minus (U+2212) -> "-", and LaTeX \\frac{a}{b} / \\dfrac{a}{b} -> "a/b", so that the number regex sees them."""
+    text = text.replace("\u2212", "-")
+    return re.sub(r"\\d?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}", r"\1/\2", text)
 
 
 def extract_final_number(text: str) -> Optional[float]:
@@ -322,11 +354,14 @@ def extract_final_number(text: str) -> Optional[float]:
         extract_final_number("3 + 4 = 7. So 7 apples.") == 7.0
         extract_final_number("The answer is \\boxed{1,234}") == 1234.0
         extract_final_number("3/4 of them") == 0.75
+        extract_final_number("\\boxed{\\frac{3}{4}}") == 0.75;  extract_final_number("\u22125") == -5.0
+        extract_final_number("between 10-15") == 15.0   (a range or a subtraction, not -15)
         extract_final_number("no idea") is None
     """
     if not isinstance(text, str):
         return None
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    text = _normalise_maths(text)
+    boxed = re.findall(_BOXED, text)
     if boxed:
         inner = re.findall(_NUMBER, boxed[-1])
         if inner:
@@ -342,7 +377,7 @@ def final_answer_text(text: str) -> Optional[str]:
     """
     if not isinstance(text, str):
         return None
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    boxed = re.findall(_BOXED, text)
     if boxed and boxed[-1].strip():
         return boxed[-1].strip()
     numbers = re.findall(_NUMBER, text)
@@ -1018,12 +1053,86 @@ def optimizer_step(model, optimizer, scheduler, cfg: Config, has_gradient: bool)
     return grad_norm
 
 
+def score(ro: Rollout, reward_fn: RewardFn, device: torch.device) -> Rollout:
+    """Fill in ro.rewards [N] from reward_fn(completions, answers)."""
+    ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
+    return ro
+
+
+def select_groups(ro: Rollout, groups: Sequence[int]) -> Rollout:
+    """The rollout restricted to the given groups (prompts), in that order."""
+    G = ro.num_generations
+    rows = [g * G + i for g in groups for i in range(G)]
+    index = torch.tensor(rows, dtype=torch.long, device=ro.completion_ids.device)
+    pick = lambda t: None if t is None else t[index]  # noqa: E731
+    return Rollout(pick(ro.prompt_ids), pick(ro.prompt_mask), pick(ro.completion_ids), pick(ro.completion_mask),
+                   pick(ro.truncated), [ro.completions[r] for r in rows], [ro.answers[r] for r in rows],
+                   [ro.questions[r] for r in rows], G, pick(ro.sampling_logps), pick(ro.rewards))
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Rows of several rollouts as one: prompts re-padded on the left, completions on the right, to the widest."""
+    P = max(r.prompt_ids.size(1) for r in parts)
+    T = max(r.completion_ids.size(1) for r in parts)
+    left = lambda t, value: torch.nn.functional.pad(t, (P - t.size(1), 0), value=value)  # noqa: E731
+    right = lambda t, value: torch.nn.functional.pad(t, (0, T - t.size(1)), value=value)  # noqa: E731
+    cat = lambda key, pad, value: torch.cat([pad(getattr(r, key), value) for r in parts])  # noqa: E731
+    return Rollout(cat("prompt_ids", left, pad_id), cat("prompt_mask", left, 0), cat("completion_ids", right, pad_id),
+                   cat("completion_mask", right, 0.0), torch.cat([r.truncated for r in parts]),
+                   sum((r.completions for r in parts), []), sum((r.answers for r in parts), []),
+                   sum((r.questions for r in parts), []), parts[0].num_generations,
+                   cat("sampling_logps", right, 0.0), torch.cat([r.rewards for r in parts]))
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> list:
+    """Indices of the groups whose G rewards are NOT all equal: the only ones with a non-zero advantage.
+        informative_groups([1, 0, 1, 1, 0, 0], 2) == [0]"""
+    grouped = rewards.view(-1, num_generations)
+    return torch.nonzero(grouped.max(dim=1).values != grouped.min(dim=1).values).flatten().tolist()
+
+
+def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.device, sampler, reward_fn: RewardFn,
+                    draw_prompts: Callable[[int], list]) -> tuple:
+    """DAPO's dynamic sampling (arXiv 2503.14476), also the "dynamic rejection" of RIPT-VLA and LOOP.
+
+    Sample and score the B prompts of `batch`; drop every group whose rewards are all equal (A = 0 for all of its
+    samples, so it teaches nothing); then, while fewer than B groups remain and fewer than max_resample_rounds extra
+    generate calls were made, sample `missing` fresh prompts from draw_prompts(missing) and keep their informative
+    groups. The step trains on the first B informative groups, or on all it has when the rounds run out. If no group
+    at all is informative, the last rollout is returned as it is (it has A = 0 everywhere: no update).
+
+    Normalisers (DAPO's choice): the loss is aggregated over the batch that is TRAINED, i.e. dapo's num_items counts
+    the tokens of the kept groups, not those of the dropped ones.
+    Returns (rollout, {"groups_sampled", "groups_dropped", "resample_rounds", "sampled_reward"})."""
+    G, B = cfg.num_generations, len(batch)
+    ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
+    sampled_rewards, kept, rounds = [ro.rewards], [], 0
+    kept.append(select_groups(ro, informative_groups(ro.rewards, G)))
+    while sum(len(k.completions) for k in kept) // G < B and rounds < cfg.max_resample_rounds:
+        missing = B - sum(len(k.completions) for k in kept) // G
+        extra = score(rollout(model, tokenizer, draw_prompts(missing), cfg, device, sampler=sampler), reward_fn, device)
+        sampled_rewards.append(extra.rewards)
+        kept.append(select_groups(extra, informative_groups(extra.rewards, G)))
+        rounds += 1
+    kept = [k for k in kept if k.completions]
+    all_rewards = torch.cat(sampled_rewards)
+    info = {"groups_sampled": all_rewards.numel() // G, "resample_rounds": rounds,
+            "sampled_reward": all_rewards.mean().item()}
+    if not kept:  # every group was dropped: train on the first rollout, whose advantages are all 0
+        return ro, {**info, "groups_dropped": info["groups_sampled"]}
+    trained = concat_rollouts(kept, tokenizer.pad_token_id)
+    trained = select_groups(trained, range(min(B, trained.rewards.numel() // G)))
+    return trained, {**info, "groups_dropped": info["groups_sampled"] - trained.rewards.numel() // G}
+
+
 def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cfg: Config, device: torch.device,
-              reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None) -> tuple:
+              reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None,
+              draw_prompts: Optional[Callable[[int], list]] = None) -> tuple:
     """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
 
     sampler: the model rollouts sample from (make_sampling_model; None means `model`). It is refreshed from `model`
     after every optimiser step, so the next rollout samples from the updated policy.
+    draw_prompts(n) -> n fresh problems: needed by --dynamic_sampling to refill dropped groups.
     Returns (rollout, stats or None if skipped, extra metrics from the advantage function, seconds per phase)."""
     seconds = {}
     clock = time.perf_counter()
@@ -1035,10 +1144,16 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
         clock = now
 
     model.eval()
-    ro = rollout(model, tokenizer, batch, cfg, device, sampler=sampler)
-    lap("generate_s")
-    ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
+    sampling_info = {}
+    if cfg.dynamic_sampling:
+        if draw_prompts is None:
+            raise ValueError("dynamic_sampling needs draw_prompts to refill dropped groups")
+        ro, sampling_info = dynamic_rollout(model, tokenizer, batch, cfg, device, sampler, reward_fn, draw_prompts)
+    else:
+        ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
+    lap("generate_s")  # with dynamic sampling this includes scoring, which is cheap next to sampling
     advantages, extra = make_advantages(ro)
+    extra = {**extra, **sampling_info}
     rows = rows_to_train(advantages, cfg)
     lap("reward_s")
     # The reference model exists only when beta > 0. Old log-probs are only needed when the policy moves between
@@ -1078,8 +1193,10 @@ class MetricsLog:
         self.keys = list(self.STEP_KEYS) + list(extra_keys)
 
     def write(self, record: dict) -> None:
+        # NaN and inf are not JSON: write them as null, so that every line parses with a strict reader
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
 
     def step(self, record: dict) -> None:
         self.write(record)
@@ -1141,6 +1258,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
+    if cfg.dynamic_sampling:
+        extra_log_keys = [*extra_log_keys, ("groups_sampled", "groups", "{:.0f}"), ("groups_dropped", "dropped", "{:.0f}")]
     log = MetricsLog(out_dir, extra_log_keys)
     order_rng = random.Random(cfg.seed + 1)
 
@@ -1155,13 +1274,17 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     step, interrupted, start = 0, False, time.time()
     try:
         order: list = []
+
+        def draw_prompts(n: int) -> list:  # the next n training problems of a reshuffled-every-epoch order
+            while len(order) < n:
+                order[:0] = order_rng.sample(range(len(train_set)), len(train_set))
+            return [train_set[order.pop()] for _ in range(n)]
+
         for step in range(1, cfg.max_steps + 1):
             t0 = time.time()
-            if len(order) < cfg.prompts_per_step:
-                order += order_rng.sample(range(len(train_set)), len(train_set))
-            batch = [train_set[order.pop()] for _ in range(cfg.prompts_per_step)]
+            batch = draw_prompts(cfg.prompts_per_step)
             ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
-                                            reward_fn, make_advantages, sampler=sampler)
+                                            reward_fn, make_advantages, sampler=sampler, draw_prompts=draw_prompts)
             elapsed = time.time() - t0
             sampled_tokens = ro.completion_mask.sum().item()
             record = {

@@ -43,3 +43,19 @@ def test_curve_is_the_mean_and_std_over_seeds():
     assert steps == [1, 2]  # step 3 was logged by one seed only
     assert means == [0.5, 1.0] and abs(stds[0] - 0.7071) < 1e-4 and stds[1] == 0.0
     assert mean_std([0.5, 0.7]) == "0.6 ± 0.14"
+
+
+def test_set_overrides_become_flags_booleans_included():
+    from benchmarks.compare import method_flags, parse_overrides
+
+    settings = parse_overrides(["dynamic_sampling=true", "baseline=leave_one_out", "learning_rate=3e-5",
+                                "save_model=false", "max_steps=2"])
+    assert settings == {"dynamic_sampling": True, "baseline": "leave_one_out", "learning_rate": 3e-5,
+                        "save_model": False, "max_steps": 2}
+    flags = method_flags("grpo", {**settings, "num_generations": 8})
+    assert flags[:2] == ["--dynamic_sampling", "--baseline"] and "--no-save_model" in flags
+    assert flags[flags.index("--learning_rate") + 1] == "3e-05"
+    import grpo_mini as g
+
+    cfg = g.parse_config(argv=flags)
+    assert cfg.dynamic_sampling and cfg.baseline == "leave_one_out" and not cfg.save_model

@@ -71,14 +71,29 @@ def test_mean_token_logps():
     ("3 + 4 = 7. So 7 apples.", 7.0), ("The answer is \\boxed{1,234}", 1234.0), ("3/4 of them", 0.75),
     ("no idea", None), ("-5 degrees", -5.0), ("12.50 dollars", 12.5), ("", None), ("1/0", None),
     ("\\boxed{} then 9", 9.0), ("x" * 10000, None),
+    # the docstring's parser cases (a hostile run found them)
+    ("\\boxed{\\frac{3}{4}}", 0.75), ("\u22125", -5.0), ("between 10-15", 15.0), ("x = -5", -5.0),
+    ("1" + "0" * 400 + "/1", None), ("3 - 4 = -1", -1.0),
 ])
 def test_extract_final_number(text, value):
     assert g.extract_final_number(text) == value
 
 
 def test_extract_final_number_never_raises_on_odd_input():
-    for junk in [None, 12, "∞", "1e999", "1,2,3,,", "\\boxed{\\boxed{3}}", "--5", "5/"]:
+    for junk in [None, 12, "∞", "1e999", "1,2,3,,", "\\boxed{\\boxed{3}}", "--5", "5/", "1" + "0" * 400 + "/1",
+                 "\\frac{1" + "0" * 400 + "}{1}"]:
         g.extract_final_number(junk)
+
+
+def test_data_file_numeric_answers_are_taken_as_numbers(tmp_path):
+    import json
+
+    data = tmp_path / "numbers.jsonl"
+    answers = [1e-05, 1e+20, 2.5e-07, -3, "#### 72", "1e-05"]
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    parsed = [p.answer for p in g.load_jsonl_problems(str(data))]
+    assert parsed[:5] == [1e-05, 1e+20, 2.5e-07, -3.0, 72.0]
+    assert parsed[5] == 5.0  # a STRING answer is text: its last number (write numbers as JSON numbers)
 
 
 def test_correctness_reward_docstring_example():

@@ -23,6 +23,10 @@ def digit_fraction_reward(completions, answers):
     ("num_generations", 1), ("loss_type", "ppo"), ("beta", -0.1), ("scale_rewards", "max"), ("epsilon", 0.0),
     ("importance_sampling_level", "tok"), ("temperature", 0.0), ("num_iterations", 0), ("device", "tpu"),
     ("max_completion_length", 0), ("learning_rate", -1.0),
+    # a hostile run found these: each crashed or ran to no effect after the model had loaded
+    ("learning_rate", float("inf")), ("beta", float("inf")), ("temperature", float("inf")), ("temperature", 1e-300),
+    ("weight_decay", -1.0), ("seed", -1), ("seed", 2**32), ("num_train_problems", 10**12),
+    ("epsilon", float("nan")),
 ])
 def test_invalid_config_names_the_flag(field, value):
     with pytest.raises(g.ConfigError, match=f"--{field} "):
@@ -259,3 +263,81 @@ def test_gspo_with_a_token_level_aggregation_warns_in_one_line(tiny_model_dir, t
                         "--max_steps", "0", "--importance_sampling_level", "sequence", "--loss_type", "grpo",
                         "--no-save_model")
     assert result.returncode == 0 and "warning: " not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- dynamic sampling
+def test_informative_groups_docstring_example():
+    assert g.informative_groups(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]), 2) == [0]
+
+
+class ScriptedReward:
+    """Rewards by call: each call's list says, per group, whether it is informative (spread) or not."""
+
+    def __init__(self, plan, G):
+        self.plan, self.G, self.calls = list(plan), G, 0
+
+    def __call__(self, completions, answers):
+        spread = self.plan[min(self.calls, len(self.plan) - 1)]
+        self.calls += 1
+        assert len(completions) == len(spread) * self.G  # the call samples exactly the missing groups
+        return [float(i == 0) if informative else 1.0 for informative in spread for i in range(self.G)]
+
+
+def _dynamic(tiny_model, tiny_tokenizer, plan, rounds):
+    cfg = g.Config(**{**TINY, "prompts_per_step": 3, "num_generations": 2, "dynamic_sampling": True,
+                      "max_resample_rounds": rounds})
+    pool = g.make_arithmetic_split(0, 40, 1)[0]
+    drawn = []
+
+    def draw(n):
+        drawn.append(n)
+        return [pool.pop() for _ in range(n)]
+
+    reward = ScriptedReward(plan, 2)
+    ro, info = g.dynamic_rollout(tiny_model, tiny_tokenizer, draw(3), cfg, torch.device("cpu"), tiny_model, reward,
+                                 draw)
+    return ro, info, drawn, reward
+
+
+def test_dynamic_sampling_refills_dropped_groups(tiny_model, tiny_tokenizer):
+    # call 1: groups 2 and 3 have no spread -> 2 missing; call 2: one of the two fresh groups is informative
+    # -> 1 missing; call 3: it is informative -> 3 groups, done
+    ro, info, drawn, reward = _dynamic(tiny_model, tiny_tokenizer,
+                                       [[True, False, False], [False, True], [True]], rounds=5)
+    assert drawn == [3, 2, 1] and reward.calls == 3
+    assert info == {"groups_sampled": 6, "groups_dropped": 3, "resample_rounds": 2, "sampled_reward": 0.75}
+    assert ro.rewards.tolist() == [1.0, 0.0] * 3  # three informative groups, each [1, 0]
+    assert g.zero_std_fraction(ro.rewards, 2) == 0.0
+    assert len(ro.completions) == ro.completion_ids.size(0) == ro.prompt_ids.size(0) == 6
+
+
+def test_dynamic_sampling_respects_the_cap_and_trains_on_what_it_has(tiny_model, tiny_tokenizer):
+    ro, info, drawn, reward = _dynamic(tiny_model, tiny_tokenizer, [[True, False, False], [False, False]], rounds=2)
+    assert reward.calls == 3 and info["resample_rounds"] == 2 and drawn == [3, 2, 2]
+    assert ro.rewards.numel() == 2  # one informative group: the step trains on it alone
+    # DAPO's normaliser: dapo's num_items counts the tokens of the TRAINED groups only
+    assert ro.completion_mask.sum().item() == ro.lengths.sum().item()
+    ro, info, _, _ = _dynamic(tiny_model, tiny_tokenizer, [[False, False, False]], rounds=1)
+    assert info["groups_dropped"] == 6 and g.zero_std_fraction(ro.rewards, 2) == 1.0  # nothing to learn: no update
+
+
+def test_dynamic_sampling_run_logs_groups(tiny_model, tiny_tokenizer, tmp_path):
+    summary, _ = _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=2, dynamic_sampling=True,
+                        reward_fn=digit_fraction_reward)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"reward"' in line]
+    assert all(r["groups_sampled"] >= 2 and 0 <= r["groups_dropped"] <= r["groups_sampled"] for r in records)
+
+
+def test_too_many_eval_problems_fail_fast_instead_of_hanging():
+    start = time.time()
+    with pytest.raises(g.ConfigError, match="--num_eval_problems 200000: the built-in task gave only"):
+        g.build_task(g.Config(num_eval_problems=200_000, num_train_problems=10))
+    assert time.time() - start < 60
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    log = g.MetricsLog(tmp_path, ())
+    log.write({"step": 1, "loss": float("nan"), "reward": float("inf"), "acc": 0.5})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "reward": None,
+                                                                     "acc": 0.5}
