@@ -342,7 +342,7 @@ def _to_float(text: str) -> Optional[float]:
 
 
 def _normalise_maths(text: str) -> str:
-    """Unicode minus (U+2212) -> "-", and LaTeX \\frac{a}{b} / \\dfrac{a}{b} -> "a/b", so that the number regex sees them."""
+    """Unicode minus (U+2212) -> "-", and LaTeX \\frac{a}{b} / \\dfrac{a}{b} -> "a/b": forms the number regex can read."""
     text = text.replace("\u2212", "-")
     return re.sub(r"\\d?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}", r"\1/\2", text)
 
@@ -792,7 +792,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     OTHER G - 1 rewards of its group, so a sample is never compared with itself:
         A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) * (r_i - mean(r))
     then divided by the std that scale_rewards picks, exactly as above. Same example, G = 2:
-        none:  [1 - 0, 0 - 1, 0, 0] = [1, -1, 0, 0]             group: [1/0.7072, -1/0.7072, 0, 0] = [1.4140, -1.4140, 0, 0]
+        none:  [1 - 0, 0 - 1, 0, 0] = [1, -1, 0, 0]
+        group: [1/0.7072, -1/0.7072, 0, 0] = [1.4140, -1.4140, 0, 0]
     So with a std it is GRPO's advantage times G / (G - 1): the same direction, a larger step. TRL's RLOOTrainer
     subtracts the same baseline and then, optionally, normalises over the whole batch ((A - mean) / std); here the
     scaling is our scale_rewards, so RLOO's baseline combines with any of the three."""
@@ -1259,7 +1260,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
     if cfg.dynamic_sampling:
-        extra_log_keys = [*extra_log_keys, ("groups_sampled", "groups", "{:.0f}"), ("groups_dropped", "dropped", "{:.0f}")]
+        extra_log_keys = [*extra_log_keys, ("groups_sampled", "groups", "{:.0f}"),
+                          ("groups_dropped", "dropped", "{:.0f}")]
     log = MetricsLog(out_dir, extra_log_keys)
     order_rng = random.Random(cfg.seed + 1)
 

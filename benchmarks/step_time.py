@@ -32,8 +32,8 @@ backward, optimiser) and of the whole step, completion tokens per second, and pe
 measured in a FRESH process per implementation, one block of --steps steps after the models are loaded: the peak
 RSS above the RSS before the block (a 10 ms sampler; it covers activations, logits and optimiser state) on CPU,
 or torch.cuda.max_memory_allocated on CUDA. Inside the shared timing process, memory that the allocator kept from
-the other implementation's block would hide part of the next block's growth. The last table gives grpo_mini / TRL for every figure. TRL is a
-benchmark-only dependency (`pip install trl`); none of the four modules import it.
+the other implementation's block would hide part of the next block's growth. The last table gives grpo_mini / TRL
+for every figure. TRL is a benchmark-only dependency (`pip install trl`); none of the modules import it.
 """
 
 from __future__ import annotations
@@ -337,8 +337,8 @@ def main() -> int:
         model = base_model.to(device)
         params = matmul_params(model)
         peaks = {dtype: measured_peak_flops(model, dtype, device) for dtype in (torch.float32, torch.bfloat16)}
-        print(f"{name}: {params / 1e6:.1f}M matmul parameters; measured matmul peak fp32 {peaks[torch.float32] / 1e9:.0f}"
-              f" GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s", flush=True)
+        print(f"{name}: {params / 1e6:.1f}M matmul parameters; measured matmul peak fp32 "
+              f"{peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s", flush=True)
         trl_dir = tempfile.TemporaryDirectory()
         if with_trl:
             g.save_model(base_model, tokenizer, Path(trl_dir.name))
@@ -388,7 +388,8 @@ def main() -> int:
     print("\n".join(utilisation))
     if ratios:
         print("\ngrpo_mini / TRL (step time and memory: lower is better; tok/s: higher is better)\n")
-        print("| model | beta | vs | generate | ref/old | loss+bwd | optim | step | tok/s | peak mem |\n|" + "---|" * 10)
+        print("| model | beta | vs | generate | ref/old | loss+bwd | optim | step | tok/s | peak mem |\n|"
+              + "---|" * 10)
         print("\n".join(ratios))
     return 0
 
