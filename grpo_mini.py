@@ -1104,21 +1104,24 @@ def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.de
 
     Normalisers (DAPO's choice): the loss is aggregated over the batch that is TRAINED, i.e. dapo's num_items counts
     the tokens of the kept groups, not those of the dropped ones.
-    Returns (rollout, {"groups_sampled", "groups_dropped", "resample_rounds", "sampled_reward"})."""
+    Returns (rollout, {"groups_sampled", "groups_dropped", "resample_rounds", "sampled_reward", "tokens_sampled"}):
+    tokens_sampled counts the completion tokens of EVERY group sampled, the dropped ones included."""
     G, B = cfg.num_generations, len(batch)
     ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
     sampled_rewards, kept, rounds = [ro.rewards], [], 0
+    tokens_sampled = ro.completion_mask.sum().item()
     kept.append(select_groups(ro, informative_groups(ro.rewards, G)))
     while sum(len(k.completions) for k in kept) // G < B and rounds < cfg.max_resample_rounds:
         missing = B - sum(len(k.completions) for k in kept) // G
         extra = score(rollout(model, tokenizer, draw_prompts(missing), cfg, device, sampler=sampler), reward_fn, device)
         sampled_rewards.append(extra.rewards)
+        tokens_sampled += extra.completion_mask.sum().item()
         kept.append(select_groups(extra, informative_groups(extra.rewards, G)))
         rounds += 1
     kept = [k for k in kept if k.completions]
     all_rewards = torch.cat(sampled_rewards)
     info = {"groups_sampled": all_rewards.numel() // G, "resample_rounds": rounds,
-            "sampled_reward": all_rewards.mean().item()}
+            "sampled_reward": all_rewards.mean().item(), "tokens_sampled": tokens_sampled}
     if not kept:  # every group was dropped: train on the first rollout, whose advantages are all 0
         return ro, {**info, "groups_dropped": info["groups_sampled"]}
     trained = concat_rollouts(kept, tokenizer.pad_token_id)
@@ -1300,7 +1303,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                 "grad_norm": stats and stats["grad_norm"], "step_s": elapsed,
                 "tokens_per_s": sampled_tokens / elapsed, "tokens_sampled": sampled_tokens,
                 "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
-                "skipped": stats is None, **extra,
+                "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
             }
             log.step(record)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:

@@ -305,7 +305,9 @@ def test_dynamic_sampling_refills_dropped_groups(tiny_model, tiny_tokenizer):
     ro, info, drawn, reward = _dynamic(tiny_model, tiny_tokenizer,
                                        [[True, False, False], [False, True], [True]], rounds=5)
     assert drawn == [3, 2, 1] and reward.calls == 3
+    tokens_sampled = info.pop("tokens_sampled")
     assert info == {"groups_sampled": 6, "groups_dropped": 3, "resample_rounds": 2, "sampled_reward": 0.75}
+    assert tokens_sampled > ro.completion_mask.sum().item()  # the three dropped groups' tokens are counted too
     assert ro.rewards.tolist() == [1.0, 0.0] * 3  # three informative groups, each [1, 0]
     assert g.zero_std_fraction(ro.rewards, 2) == 0.0
     assert len(ro.completions) == ro.completion_ids.size(0) == ro.prompt_ids.size(0) == 6
