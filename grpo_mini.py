@@ -575,6 +575,13 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tens
     return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
+def encode_prompts(tokenizer, problems: list, device: torch.device):
+    """The problems' prompts through the chat template, tokenized and left-padded: (ids, mask), each [B, P]."""
+    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    return enc.input_ids, enc.attention_mask
+
+
 def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device, sampler=None) -> Rollout:
     """Sample G completions for each of the B problems (B*G rows, groups contiguous).
 
@@ -583,17 +590,16 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
     bf16 copy (make_sampling_model); None means `model`. The sampler's log-prob of every drawn token (temperature
     applied) comes back for free in Rollout.sampling_logps."""
     G = cfg.num_generations
-    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(device)  # [B, P] distinct prompts, left-padded
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, problems, device)  # [B, P] distinct prompts
     eos = eos_token_ids(model, tokenizer)
     sampler = sampler if sampler is not None else model
     completion_ids, logps = sample_completions(
-        sampler, enc.input_ids, enc.attention_mask, repeats=G, max_new_tokens=cfg.max_completion_length, eos_ids=eos,
+        sampler, prompt_ids, prompt_mask, repeats=G, max_new_tokens=cfg.max_completion_length, eos_ids=eos,
         pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
         min_new_tokens=getattr(sampler.generation_config, "min_new_tokens", None) or 0)  # [N, T] each
     mask, truncated = completion_mask(completion_ids, eos)
     texts = decode_completions(tokenizer, completion_ids, mask)
-    return Rollout(enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0),
+    return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0),
                    completion_ids, mask, truncated, texts, [p.answer for p in problems for _ in range(G)],
                    [p.prompt for p in problems for _ in range(G)], G, sampling_logps=logps * mask)
 
@@ -814,10 +820,17 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return centred / (std + eps)
 
 
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> list:
+    """Indices of the groups whose G rewards are NOT all equal: the only ones with a non-zero advantage.
+        informative_groups([1, 0, 1, 1, 0, 0], 2) == [0]"""
+    grouped = rewards.view(-1, num_generations)
+    return torch.nonzero(grouped.max(dim=1).values != grouped.min(dim=1).values).flatten().tolist()
+
+
 def zero_std_fraction(rewards: torch.Tensor, num_generations: int) -> float:
     """Fraction of groups whose G rewards are all equal (no learning signal from them)."""
-    grouped = rewards.view(-1, num_generations)
-    return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+    num_groups = rewards.numel() // num_generations
+    return 1.0 - len(informative_groups(rewards, num_generations)) / num_groups
 
 
 # An advantage function maps a scored rollout to (advantages [N], extra metrics for the log). Rollout.sampling_logps
@@ -1085,13 +1098,6 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    cat("sampling_logps", right, 0.0), torch.cat([r.rewards for r in parts]))
 
 
-def informative_groups(rewards: torch.Tensor, num_generations: int) -> list:
-    """Indices of the groups whose G rewards are NOT all equal: the only ones with a non-zero advantage.
-        informative_groups([1, 0, 1, 1, 0, 0], 2) == [0]"""
-    grouped = rewards.view(-1, num_generations)
-    return torch.nonzero(grouped.max(dim=1).values != grouped.min(dim=1).values).flatten().tolist()
-
-
 def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.device, sampler, reward_fn: RewardFn,
                     draw_prompts: Callable[[int], list]) -> tuple:
     """DAPO's dynamic sampling (arXiv 2503.14476), also the "dynamic rejection" of RIPT-VLA and LOOP.
@@ -1111,12 +1117,14 @@ def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.de
     sampled_rewards, kept, rounds = [ro.rewards], [], 0
     tokens_sampled = ro.completion_mask.sum().item()
     kept.append(select_groups(ro, informative_groups(ro.rewards, G)))
-    while sum(len(k.completions) for k in kept) // G < B and rounds < cfg.max_resample_rounds:
-        missing = B - sum(len(k.completions) for k in kept) // G
+    have = len(kept[0].completions) // G  # informative groups so far
+    while have < B and rounds < cfg.max_resample_rounds:
+        missing = B - have
         extra = score(rollout(model, tokenizer, draw_prompts(missing), cfg, device, sampler=sampler), reward_fn, device)
         sampled_rewards.append(extra.rewards)
         tokens_sampled += extra.completion_mask.sum().item()
         kept.append(select_groups(extra, informative_groups(extra.rewards, G)))
+        have += len(kept[-1].completions) // G
         rounds += 1
     kept = [k for k in kept if k.completions]
     all_rewards = torch.cat(sampled_rewards)
@@ -1339,9 +1347,8 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device
     eos = eos_token_ids(model, tokenizer)
     for start in range(0, len(problems), cfg.eval_batch_size):
         chunk = problems[start:start + cfg.eval_batch_size]
-        enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in chunk], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        completion_ids, _ = sample_completions(model, enc.input_ids, enc.attention_mask, repeats=1,
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
+        completion_ids, _ = sample_completions(model, prompt_ids, prompt_mask, repeats=1,
                                                max_new_tokens=cfg.max_completion_length, eos_ids=eos,
                                                pad_id=tokenizer.pad_token_id, greedy=True)
         mask, _ = completion_mask(completion_ids, eos)
