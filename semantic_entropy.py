@@ -310,6 +310,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     try:
+        pick_device(args.device)  # an unknown or absent device: one line now, not a traceback after a model loads
         if args.lm and not args.question:
             raise ConfigError("--lm needs --question: the likelihood is p(answer | question)")
         if args.judge == "math":

@@ -76,7 +76,7 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path) -> dict:
     """Train one method with one seed in a subprocess; return its metrics records and wall time."""
     run_dir = out_dir / f"{method}_seed{seed}"
     command = [sys.executable, METHODS[method][0], *method_flags(method, settings), "--seed", str(seed),
-               "--output_dir", str(run_dir), "--no-save_model"]
+               "--output_dir", str(run_dir), "--no-save_model", "--save_every", "0", "--overwrite"]
     print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

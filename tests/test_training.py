@@ -133,19 +133,22 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_model, tiny_t
     assert record["skipped"] is True
 
 
-def test_ctrl_c_saves_model_and_metrics(tiny_model, tiny_tokenizer, tmp_path):
+def test_ctrl_c_saves_model_checkpoint_and_metrics(tiny_model, tiny_tokenizer, tmp_path):
     calls = []
 
     def interrupting_reward(completions, answers):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return digit_fraction_reward(completions, answers)
+        return char_code_reward(completions, answers)
 
     summary, _ = _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=5, save_model=True,
                         reward_fn=interrupting_reward)
-    assert summary["interrupted"] and summary["steps"] == 2
+    assert summary["interrupted"] and summary["steps"] == 2 and summary["exit_code"] == 130
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()  # --model run/model loads it
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1  # the last finished step
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 1  # step 1's record survived
 
@@ -205,7 +208,8 @@ def test_real_smollm2_gguf_loads_generates_and_saves(tmp_path):
 
 
 def test_unloadable_model_is_one_line(tmp_path):
-    result = run_script("grpo_mini.py", "--model", tmp_path / "no_such_model", "--max_steps", "1")
+    result = run_script("grpo_mini.py", "--model", tmp_path / "no_such_model", "--max_steps", "1",
+                        "--output_dir", tmp_path / "run")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --model {tmp_path / 'no_such_model'}: could not")
 
