@@ -76,6 +76,7 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 DTYPES = ("auto", "fp32", "bf16")
 TASKS = ("arithmetic", "multistep")
 REWARD_KINDS = ("binary", "signed")
+REPORT_TO = ("none", "tensorboard", "wandb")
 BASELINES = ("mean", "leave_one_out")
 
 
@@ -108,6 +109,8 @@ class Config:
     """write a resumable checkpoint (model, optimiser, scheduler, RNG and data-order state) to OUTPUT_DIR/checkpoint every N steps, at the end and on any early exit; 0: never"""
     resume: bool = False
     """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every, eval_batch_size, save_model and device may change); metrics.jsonl is appended to"""
+    report_to: str = "none"
+    """also log the step and evaluation scalars to: none | tensorboard (OUTPUT_DIR/tensorboard; pip install tensorboard) | wandb (pip install wandb; offline into OUTPUT_DIR/wandb unless you are logged in). metrics.jsonl is always written"""
     overwrite: bool = False
     """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model and checkpoint)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
@@ -141,6 +144,15 @@ class Config:
     """DAPO's dynamic sampling: drop groups whose G rewards are all equal (no signal) and refill the step with groups for fresh prompts, in up to --max_resample_rounds extra generate calls"""
     max_resample_rounds: int = 2
     """with --dynamic_sampling: extra generate calls per step at most; the step trains on what it has when they run out"""
+    # --- LoRA (optional: pip install peft) ---------------------------------------------------------------------------
+    lora_r: int = 0
+    """LoRA rank; 0 (the default) trains every weight. > 0 trains low-rank adapters only (peft), and with --beta > 0 the reference model is the same model with its adapters switched off: no second copy"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: all-linear (every linear layer but the output head), or names separated by commas, e.g. q_proj,v_proj"""
     # --- optimiser --------------------------------------------------------------------------------------------------
     learning_rate: float = 3e-5
     """AdamW learning rate (constant after warm-up)"""
@@ -195,6 +207,10 @@ class Config:
             (self.eval_every >= 0, "eval_every", "must be >= 0"),
             (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
             (self.save_every >= 0, "save_every", "must be >= 0"),
+            (self.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}"),
+            (self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)"),
+            (self.lora_alpha > 0, "lora_alpha", "must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
             (not (self.resume and self.overwrite), "resume", "and --overwrite contradict each other: pick one"),
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
@@ -205,6 +221,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"--{flag} {why} (got {getattr(self, flag)!r})")
         pick_device(self.device)  # raises ConfigError for an unknown or absent device
+        if self.lora_r and importlib.util.find_spec("peft") is None:
+            raise ConfigError("--lora_r needs the peft package: pip install peft")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ConfigError(f"--report_to {self.report_to} needs the {self.report_to} package: "
+                              f"pip install {self.report_to}")
         # --output_dir is checked by check_output_dir and --data is read (and checked, line by line) by build_task:
         # train() calls both right after this, before any model loads. Neither belongs here: both read the disk.
 
@@ -532,9 +553,16 @@ def load_model_and_tokenizer(name: str):
 
 
 def save_model(model, tokenizer, directory: Path) -> None:
-    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back."""
+    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back.
+
+    A LoRA model (section 8c) is saved twice: merged into full weights in DIRECTORY (what --model loads), and as the
+    adapter alone in DIRECTORY/adapter (small; peft's PeftModel.from_pretrained(base, DIRECTORY/adapter) reads it)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    if is_lora(model):
+        model.save_pretrained(directory / "adapter")
+        copy.deepcopy(model).merge_and_unload().save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
@@ -592,6 +620,13 @@ class Rollout:
     num_generations: int
     sampling_logps: Optional[torch.Tensor] = None  # [N, T] log-prob of each sampled token under the sampler
     rewards: Optional[torch.Tensor] = None  # [N], filled in by the training loop
+    # [N, T] the completion tokens the model READS. None: the same as completion_mask. Multi-turn episodes
+    # (tree_grpo.py) differ: the environment's observations are read but not trained, so they are 1 here, 0 there.
+    attention_mask: Optional[torch.Tensor] = None
+
+    @property
+    def completion_attention(self) -> torch.Tensor:  # [N, T]
+        return self.completion_mask if self.attention_mask is None else self.attention_mask
 
     @property
     def lengths(self) -> torch.Tensor:  # [N] completion lengths in tokens, EOS included
@@ -771,6 +806,9 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float,
                      prompt_index: Optional[torch.Tensor] = None):
     """Per-token log-probs of the completion tokens under `model`: [n, T].
+
+    completion_mask_ [n, T] says which completion tokens are real (attended to); padding is 0. For multi-turn
+    episodes pass the attention mask (observations included), not the loss mask.
 
     prompt_ids / prompt_mask: [U, P], the DISTINCT prompts (left-padded). prompt_index [n] says which prompt each
     completion row continues (None: row r continues prompt r). The G completions of a group share one prompt, so
@@ -985,7 +1023,8 @@ def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list:
 
 
 def micro_batch_tensors(ro: Rollout, rows: list):
-    """The tensors of `rows` for completion_logps: distinct prompts [U, P], prompt_index [n], completions [n, T].
+    """The tensors of `rows` for completion_logps: distinct prompts [U, P], completions [n, T], loss mask [n, T],
+    prompt_index [n] and the completion's attention mask [n, T] (the loss mask, except in multi-turn rollouts).
 
     Columns that are padding for every row are trimmed (exact: they are masked anyway)."""
     rows_t = torch.tensor(rows, device=ro.prompt_ids.device)
@@ -993,16 +1032,18 @@ def micro_batch_tensors(ro: Rollout, rows: list):
     distinct, prompt_index = torch.unique(groups, return_inverse=True)
     first_rows = distinct * ro.num_generations
     prompt_ids, prompt_mask = ro.prompt_ids[first_rows], ro.prompt_mask[first_rows]
-    completion_ids, mask = ro.completion_ids[rows_t], ro.completion_mask[rows_t]
+    completion_ids, mask, attention = ro.completion_ids[rows_t], ro.completion_mask[rows_t], ro.completion_attention[rows_t]
     first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these prompts
-    last_completion_col = int(mask.sum(1).max().item())
+    used_cols = torch.nonzero(attention.sum(0) > 0)
+    last_completion_col = int(used_cols.max()) + 1 if used_cols.numel() else 0  # right padding shared by all rows
     return (prompt_ids[:, first_prompt_col:], prompt_mask[:, first_prompt_col:],
-            completion_ids[:, :last_completion_col], mask[:, :last_completion_col], prompt_index)
+            completion_ids[:, :last_completion_col], mask[:, :last_completion_col], prompt_index,
+            attention[:, :last_completion_col])
 
 
 def micro_batches(ro: Rollout, rows: list, cfg: Config) -> list:
     """Lists of positions into `rows`, each a micro-batch within the token budget (prompt + completion per row)."""
-    lengths = ro.lengths.long().tolist()
+    lengths = ro.completion_attention.sum(dim=1).long().tolist()
     return token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows],
                                       cfg.max_tokens_per_micro_batch)
 
@@ -1025,9 +1066,10 @@ def compute_logps_for_rows(model, ro: Rollout, rows: list, cfg: Config, device: 
     [len(rows), T], zero-padded to the rollout's width."""
     out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
     for mb in micro_batches(ro, rows, cfg):
-        prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, [rows[i] for i in mb])
+        prompt_ids, prompt_mask, completion_ids, _, prompt_index, attention = micro_batch_tensors(
+            ro, [rows[i] for i in mb])
         with autocast(device, pick_dtype(cfg.dtype, device)):
-            logps = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
+            logps = completion_logps(model, prompt_ids, prompt_mask, completion_ids, attention, cfg.temperature,
                                      prompt_index=prompt_index)
         out[mb, :logps.size(1)] = logps.float()
     return out
@@ -1037,7 +1079,8 @@ STAT_KEYS = ("kl", "clip_low", "clip_high", "clip_frac", "ratio")
 
 
 def accumulate_gradients(model, ro: Rollout, advantages: torch.Tensor, rows: list, old_logps: Optional[torch.Tensor],
-                         ref_logps: Optional[torch.Tensor], cfg: Config, device: torch.device) -> Optional[dict]:
+                         ref_logps: Optional[torch.Tensor], cfg: Config, device: torch.device,
+                         counts: Optional[tuple] = None) -> Optional[dict]:
     """Forward and backward over the chosen rows in token-budget micro-batches; gradients add up in .grad.
 
     old_logps / ref_logps: [len(rows), T] from compute_logps_for_rows, or None (ratio 1 / no KL).
@@ -1045,17 +1088,18 @@ def accumulate_gradients(model, ro: Rollout, advantages: torch.Tensor, rows: lis
       dapo:          num_items = completion tokens of the WHOLE batch (skipped rows included), weight 1;
       grpo, dr_grpo: they average over rows, so weight = rows in the micro-batch / N (exact);
       bnpo:          TRL's per-micro-batch token normaliser, weighted the same way (exact with one micro-batch).
+    counts = (N, num_items) overrides both normalisers: under torchrun they are the whole step's, summed over ranks
+    (section 8e), so that the ranks' gradients add up to the single-process gradient.
     Returns token-weighted stats, or None (and no gradient) when a loss is not finite."""
-    N = ro.completion_ids.size(0)
-    num_items = ro.completion_mask.sum().item()
+    N, num_items = counts or (ro.completion_ids.size(0), ro.completion_mask.sum().item())
     totals = {"loss": 0.0, **{key: 0.0 for key in STAT_KEYS}}
     trained_tokens = 0.0
     for mb in micro_batches(ro, rows, cfg):
         mb_rows = [rows[i] for i in mb]
-        prompt_ids, prompt_mask, completion_ids, mask, prompt_index = micro_batch_tensors(ro, mb_rows)
+        prompt_ids, prompt_mask, completion_ids, mask, prompt_index, attention = micro_batch_tensors(ro, mb_rows)
         T = completion_ids.size(1)
         with autocast(device, pick_dtype(cfg.dtype, device)):
-            logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, cfg.temperature,
+            logp = completion_logps(model, prompt_ids, prompt_mask, completion_ids, attention, cfg.temperature,
                                     prompt_index=prompt_index)  # [n, T]
         loss, stats = policy_loss(
             logp, None if old_logps is None else old_logps[mb, :T], None if ref_logps is None else ref_logps[mb, :T],
@@ -1195,12 +1239,14 @@ def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.de
 
 def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cfg: Config, device: torch.device,
               reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None,
-              draw_prompts: Optional[Callable[[int], list]] = None) -> tuple:
+              draw_prompts: Optional[Callable[[int], list]] = None, rollout_fn: Optional[Callable] = None) -> tuple:
     """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
 
     sampler: the model rollouts sample from (make_sampling_model; None means `model`). It is refreshed from `model`
     after every optimiser step, so the next rollout samples from the updated policy.
     draw_prompts(n) -> n fresh problems: needed by --dynamic_sampling to refill dropped groups.
+    rollout_fn(model, tokenizer, batch, cfg, device, sampler) -> (scored Rollout, metrics) replaces sampling and
+    scoring (tree_grpo.py's multi-turn episodes); None means rollout + reward_fn.
     Returns (rollout, stats or None if skipped, extra metrics from the advantage function, seconds per phase)."""
     seconds = {}
     clock = time.perf_counter()
@@ -1213,7 +1259,9 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
 
     model.eval()
     sampling_info = {}
-    if cfg.dynamic_sampling:
+    if rollout_fn is not None:
+        ro, sampling_info = rollout_fn(model, tokenizer, batch, cfg, device, sampler)
+    elif cfg.dynamic_sampling:
         if draw_prompts is None:
             raise ValueError("dynamic_sampling needs draw_prompts to refill dropped groups")
         ro, sampling_info = dynamic_rollout(model, tokenizer, batch, cfg, device, sampler, reward_fn, draw_prompts)
@@ -1231,11 +1279,17 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
     old_logps = compute_logps_for_rows(model, ro, rows, cfg, device) if cfg.num_iterations > 1 else None
     lap("ref_old_logps_s")
     model.train()
-    stats = None
+    stats, counts, has_gradient = None, None, bool(rows)
+    if distributed():  # the normalisers and "any gradient at all" are the whole step's, over every rank
+        n_rows, n_tokens, ranks_with_rows = all_reduce_sum([ro.completion_ids.size(0), ro.completion_mask.sum().item(),
+                                                            float(bool(rows))], device)
+        counts, has_gradient = (n_rows, n_tokens), ranks_with_rows > 0
     for _ in range(cfg.num_iterations):
-        stats = accumulate_gradients(model, ro, advantages, rows, old_logps, ref_logps, cfg, device)
+        stats = accumulate_gradients(model, ro, advantages, rows, old_logps, ref_logps, cfg, device, counts)
+        if distributed():
+            stats = sum_gradients_over_ranks(model, stats, device)
         lap("loss_backward_s")
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, bool(rows)) if stats is not None else None
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, has_gradient) if stats is not None else None
         lap("optimizer_s")
         if grad_norm is None:
             stats = None
@@ -1254,9 +1308,12 @@ class MetricsLog:
                  ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
                  ("tokens_per_s", "tok/s", "{:.0f}")]
 
-    def __init__(self, output_dir: Path, extra_keys: Sequence = (), resume_step: Optional[int] = None):
+    def __init__(self, output_dir: Path, extra_keys: Sequence = (), resume_step: Optional[int] = None,
+                 reporter=None):
         """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
-        killed after its last checkpoint may have logged steps that the resumed run will redo)."""
+        killed after its last checkpoint may have logged steps that the resumed run will redo). reporter: a
+        TensorBoard or wandb logger (section 8d) that gets every record too, or None."""
+        self.reporter = reporter
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
         kept = []
@@ -1271,6 +1328,12 @@ class MetricsLog:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
 
     def step(self, record: dict) -> None:
         self.write(record)
@@ -1295,26 +1358,33 @@ def build_task(cfg: Config) -> tuple[list, list]:
 
 def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
           advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, extra_log_keys: Sequence = (),
-          model=None, tokenizer=None, problems: Optional[tuple] = None) -> dict:
+          model=None, tokenizer=None, problems: Optional[tuple] = None, task_fn: Optional[Callable] = None,
+          rollout_fn: Optional[Callable] = None, evaluate_fn: Optional[Callable] = None) -> dict:
     """Train with GRPO (or a variant, through advantage_fn) and return a summary dict.
 
     reward_fn(completions, answers) -> one float per completion; None means the built-in reward that --reward names.
     advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics); GRPO's is
-    grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line. The loop:
+    grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line.
+    A variant with its own task (tree_grpo.py) passes task_fn(cfg) -> (train, eval) problems, rollout_fn (see
+    grpo_step) and evaluate_fn, with evaluate's signature and result. The loop:
         rollout -> rewards -> advantages -> [old log-probs] -> num_iterations x (micro-batched loss, backward, step)
-    Saving and resuming (section 8b) wrap the loop; summary["interrupted"] says whether Ctrl-C or SIGTERM ended it.
+    Saving and resuming (section 8b) wrap the loop; summary["interrupted"] says whether Ctrl-C or SIGTERM ended it,
+    and summary["model"] is the trained model.
     """
     # --- everything that can be checked is checked before a model loads --------------------------------------------
     cfg.validate()
-    train_set, eval_set = problems if problems is not None else build_task(cfg)  # --data: errors name file and line
-    check_output_dir(cfg)
+    train_set, eval_set = problems if problems is not None else (task_fn or build_task)(cfg)  # --data: file:line
+    rank, world = init_distributed(cfg)  # (0, 1) unless launched by torchrun (section 8e)
+    is_main = rank == 0  # only rank 0 writes files, prints, evaluates and saves
+    if is_main:
+        check_output_dir(cfg)
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
         print(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
               f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
     builtin_reward = reward_fn is None
     reward_fn = BUILTIN_REWARDS[cfg.reward] if reward_fn is None else reward_fn
     set_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = rank_device(pick_device(cfg.device))
     out_dir = Path(cfg.output_dir)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first too
 
@@ -1325,11 +1395,14 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
     # It is always the --model weights, also when resuming.
+    # With LoRA it is the same model with its adapters switched off (section 8c): no second copy.
+    if cfg.lora_r:
+        model = add_lora(model, cfg)
     ref_model = None
     if cfg.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.99))
+        ref_model = AdaptersOff(model) if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     resumed = read_checkpoint(find_saved(out_dir / CHECKPOINT), model, optimizer, scheduler) if cfg.resume else None
@@ -1339,13 +1412,15 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     optimizer.register_step_post_hook(lambda *_: updates.__setitem__(0, updates[0] + 1))
 
     # --- the run's files ----------------------------------------------------------------------------------------
-    if cfg.overwrite:
+    if cfg.overwrite and is_main:
         clear_run(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if is_main:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.dynamic_sampling:
         extra_log_keys = [*extra_log_keys, ("groups_sampled", "groups", "{:.0f}"),
                           ("groups_dropped", "dropped", "{:.0f}")]
-    log = MetricsLog(out_dir, extra_log_keys, resume_step=resumed["step"] if resumed else None)
+    log = MetricsLog(out_dir, extra_log_keys, resume_step=resumed["step"] if resumed else None,
+                     reporter=make_reporter(cfg, out_dir)) if is_main else SilentLog()
     order_rng = random.Random(cfg.seed + 1)
     order: list = []  # training-set indices still to draw this epoch (drawn from the end)
 
@@ -1355,7 +1430,9 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
         return [train_set[order.pop()] for _ in range(n)]
 
     def evaluate_and_log(step: int) -> dict:
-        result = evaluate(sampler, tokenizer, eval_set, cfg, device)
+        if not is_main:  # the other ranks go on; they wait for rank 0 at the next step's first all-reduce
+            return {"accuracy": float("nan"), "mean_length": float("nan"), "sample": ""}
+        result = (evaluate_fn or evaluate)(sampler, tokenizer, eval_set, cfg, device)
         log.write({"step": step, "eval_accuracy": result["accuracy"], "eval_completion_len": result["mean_length"]})
         print(f"eval step {step:>4} | held-out accuracy {result['accuracy']:.3f} | "
               f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}", flush=True)
@@ -1370,6 +1447,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
 
     def save(boundary: dict, final_model: bool) -> None:
         """The checkpoint, if the model is at the end of boundary's step; and model/ if asked for (section 8b)."""
+        if not is_main:
+            return
         with exits.held():
             if cfg.save_every and boundary["step"] == 0:
                 pass  # nothing trained: a checkpoint of the --model weights would only cost disk
@@ -1390,9 +1469,12 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             make_advantages.load_state_dict(resumed["advantage_fn"])
         set_rng_state(resumed["rng"])
         first_step, summary = resumed["step"] + 1, {"eval_before": resumed["eval_before"]}
-        print(f"resumed from step {resumed['step']} of {out_dir / CHECKPOINT}", flush=True)
+        if is_main:
+            print(f"resumed from step {resumed['step']} of {out_dir / CHECKPOINT}", flush=True)
     else:
         first_step, summary = 1, {}
+    if world > 1:  # every rank samples its own completions (the weights are the same on every rank)
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + first_step)
     step, interrupted, skipped, start = first_step - 1, False, 0, time.time()
     boundary = None
     exits = SafeExit()
@@ -1403,10 +1485,10 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             boundary = end_of_step(step, summary["eval_before"])
             for step in range(first_step, cfg.max_steps + 1):
                 t0 = time.time()
-                batch = draw_prompts(cfg.prompts_per_step)
+                batch = draw_prompts(cfg.prompts_per_step)[rank::world]  # this rank's share of the step's prompts
                 ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg,
                                                 device, reward_fn, make_advantages, sampler=sampler,
-                                                draw_prompts=draw_prompts)
+                                                draw_prompts=draw_prompts, rollout_fn=rollout_fn)
                 elapsed = time.time() - t0
                 sampled_tokens = ro.completion_mask.sum().item()
                 skipped += stats is None
@@ -1423,6 +1505,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                     "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
                     "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
                 }
+                if world > 1:
+                    record = mean_record_over_ranks(record, device)
                 with exits.held():  # the step's line and its end-of-step state go together
                     log.step(record)
                     boundary = end_of_step(step, summary["eval_before"])
@@ -1453,16 +1537,21 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                 save(boundary, final_model=True)
             except KeyboardInterrupt:  # Ctrl-C during the final save: it completed; report the interrupt
                 interrupted = True
+        finally:
+            log.close()
     summary["train_seconds"] = time.time() - start
     summary["steps"] = step
-    if skipped and skipped == step - first_step + 1:
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if skipped and skipped == step - first_step + 1 and is_main:
         print(f"warning: all {skipped} steps were skipped (non-finite gradients): the model did not change",
               file=sys.stderr, flush=True)
-    if "eval_after" in summary:
+    if "eval_after" in summary and is_main:
         print(f"held-out accuracy: {summary['eval_before']['accuracy']:.3f} -> "
               f"{summary['eval_after']['accuracy']:.3f}  ({step} steps, {summary['train_seconds']:.0f} s)", flush=True)
     summary["interrupted"] = interrupted
     summary["exit_code"] = exits.exit_code if interrupted else 0
+    summary["model"] = model  # the trained model (with --lora_r, the peft model wrapping the one passed in)
     return summary
 
 
@@ -1486,7 +1575,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
 # milliseconds, after it (the checkpoint stays at the previous save; model/ gets the newest weights either way).
 
 CHECKPOINT = "checkpoint"
-RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT)  # what makes a directory "hold a run"
+RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT, "tensorboard", "wandb")  # a directory's run
 # Flags that --resume lets change: none of them alters what a step computes.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device", "resume",
                      "overwrite", "output_dir")
@@ -1629,14 +1718,209 @@ def read_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     """Load a checkpoint's weights, optimiser and scheduler into the given objects; return the rest of its state
     (step, rng, order, order_rng, advantage_fn, eval_before). The weights go through from_pretrained and
     load_state_dict, so tied and sharded weights need no special case."""
-    saved_model, _ = _from_pretrained(str(directory / "model"), None)
-    model.load_state_dict(saved_model.state_dict())
-    del saved_model
+    if is_lora(model):  # the base weights are --model's; only the adapter was trained
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(directory / "model" / "adapter" / "adapter_model.safetensors"))
+    else:
+        saved_model, _ = _from_pretrained(str(directory / "model"), None)
+        model.load_state_dict(saved_model.state_dict())
+        del saved_model
     state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     meta = json.loads((directory / "state.json").read_text())
     return {**state, "step": meta["step"], "eval_before": meta["eval_before"]}
+
+
+# ======================================================================================================================
+# 8c. LoRA through peft (engineering; skip on a first read)
+# ======================================================================================================================
+# LoRA trains a low-rank update B @ A next to each chosen weight and freezes the weight itself, so the optimiser
+# holds state for a few million numbers instead of all of them. GRPO is unchanged: the loss, the advantages and the
+# sampling all see one model. Two things differ, both as in TRL:
+#   - the reference model of the KL term is the same model with its adapters switched off (AdaptersOff): at the
+#     start of training that is exactly the policy, and it costs no second copy of the weights;
+#   - saving writes the merged model (loadable with --model, like any run's) and the adapter alone.
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def add_lora(model, cfg: Config):
+    """Wrap the model with LoRA adapters (peft); only they require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else [
+        name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
+    try:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    except ValueError as err:  # e.g. a module name the model does not have
+        raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules}: {str(err).splitlines()[0]}") from None
+
+
+class AdaptersOff:
+    """The reference model for LoRA runs: calls the wrapped model with its adapters disabled. completion_logps only
+    calls the model, so this is all it needs."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
+# ======================================================================================================================
+# 8d. Logging backends: TensorBoard and wandb (engineering; skip on a first read)
+# ======================================================================================================================
+# metrics.jsonl is the record of a run and is always written. --report_to sends the same scalars to a dashboard too:
+# every number of a record, under its metrics.jsonl key, at its step (evaluation keys start with eval_).
+
+
+def scalars(record: dict) -> dict:
+    """The plottable numbers of a record: ints and floats, not booleans, not None, not the step itself."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardReporter:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """wandb, offline unless you are logged in (WANDB_API_KEY set, or `wandb login` done), so that it works without an
+    account; WANDB_MODE overrides. An offline run is uploaded later with `wandb sync OUTPUT_DIR/wandb/offline-run-*`."""
+
+    def __init__(self, cfg: Config, out_dir: Path):
+        import wandb
+
+        netrc = Path.home() / ".netrc"  # where `wandb login` keeps the key
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+            netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+        self.run = wandb.init(project="grpo-mini", name=out_dir.name, dir=str(out_dir), mode=mode,
+                              config=dataclasses.asdict(cfg), resume="allow" if cfg.resume else None)
+
+    def log(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(cfg: Config, out_dir: Path):
+    if cfg.report_to == "tensorboard":
+        return TensorBoardReporter(out_dir / "tensorboard")
+    if cfg.report_to == "wandb":
+        return WandbReporter(cfg, out_dir)
+    return None
+
+
+# ======================================================================================================================
+# 8e. Several GPUs with torchrun (engineering; skip on a first read)
+# ======================================================================================================================
+#   torchrun --nproc_per_node K grpo_mini.py ...      (NCCL on GPUs, one per process; gloo on CPUs)
+# Data parallelism: every rank holds the whole model. Each step's prompts_per_step prompts are split across the K
+# ranks (rank r takes prompts r, r + K, ...), each rank samples and scores its share, and the gradients are summed
+# over ranks before the optimiser step, which then runs identically everywhere, so the weights stay equal.
+# For the sum to be the single-process gradient of the whole step, the loss's normalisers must be the step's: dapo's
+# token count and grpo / dr_grpo's row count are summed over ranks first (accumulate_gradients' counts). bnpo's is
+# per micro-batch, so it is exact only as far as it is in one process.
+# Advantages stay per rank: GRPO's groups live on one rank, so group scaling is exact; --scale_rewards batch uses the
+# rank's share as the batch, and SEED-GRPO and GFPO (per-prompt advantages; GFPO's difficulty record) are rank-local.
+# Deliberately NOT torch's DistributedDataParallel wrapper: DDP's hooks assume one forward per backward and the same
+# number of backward calls on every rank, but a step here runs two forwards per micro-batch (the shared prompt, then
+# the completions) and skips rows whose advantage is 0, so ranks can differ in micro-batches. Summing the gradients
+# once per step with all_reduce is the same collective DDP would run, with nothing to go out of step.
+# Resume under torchrun continues correctly but not bit-exactly: the checkpoint holds rank 0's RNG state only.
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(cfg: Config) -> tuple:
+    """(rank, world size). Starts the process group when torchrun launched us with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the number of processes "
+                          f"({world}): each takes an equal share of the step's prompts")
+    if not distributed():
+        use_nccl = cfg.device != "cpu" and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each process gets its own GPU (LOCAL_RANK); otherwise the device as chosen."""
+    if distributed() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def all_reduce_sum(values: list, device: torch.device) -> list:
+    """Sum a few numbers over all ranks (one collective)."""
+    backend_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=backend_device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sum_gradients_over_ranks(model, stats: Optional[dict], device: torch.device) -> Optional[dict]:
+    """After every rank has accumulated its share: skip the step everywhere if any rank's loss was not finite,
+    else sum every gradient over the ranks. Every rank makes the same collective calls in the same order."""
+    if all_reduce_sum([float(stats is None)], device)[0] > 0:
+        model.zero_grad(set_to_none=True)
+        return None
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:  # a rank that trained no row still takes part
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
+    return stats
+
+
+def mean_record_over_ranks(record: dict, device: torch.device) -> dict:
+    """The step's logged numbers over all ranks: tokens summed, everything else averaged (None stays None)."""
+    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and k != "step")
+    totals = all_reduce_sum([record[k] for k in keys], device)
+    world = torch.distributed.get_world_size()
+    return {**record, **{k: t if k.startswith("tokens") else t / world for k, t in zip(keys, totals)}}
+
+
+class SilentLog:
+    """What ranks other than 0 log to: nothing."""
+
+    path = None
+
+    def write(self, record: dict) -> None:
+        pass
+
+    step = write
+
+    def close(self) -> None:
+        pass
 
 
 # ======================================================================================================================

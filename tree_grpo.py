@@ -22,15 +22,15 @@ of the loss: the policy is not trained to predict what the tool says.
 The task is a small procedurally generated world that a 135M model can learn on a CPU. A question needs two
 searches and an answer:
     Question: Where does Ava's friend live?
-    search: Ava      ->  Result: Ava's friend is Ben. Ava lives in Rome.
-    search: Ben      ->  Result: Ben's friend is Iris. Ben lives in Oslo.
+    search: Ava      ->  Result: Ava's friend is Ben.
+    search: Ben      ->  Result: Ben lives in Oslo.
     answer: Oslo     ->  reward 1 (0 for any other answer, or none within --max_turns)
 
 Run it (the first command is the one the README quotes; `--no-tree` is the chain baseline, everything else equal):
 
     python tree_grpo.py                      # Tree-GRPO, M=2 N=2 L=1 K=3 (the authors' setting)
-    python tree_grpo.py --no-tree            # chain-based multi-turn GRPO, 4 chains per prompt
-    python benchmarks/tree_compare.py        # both, several seeds, same generated tokens per step; a plot
+    python tree_grpo.py --no-tree            # chain-based multi-turn GRPO, 5 chains per prompt
+    python benchmarks/compare.py --preset tree --methods chain_multiturn tree_grpo   # both; table and plot
 
 What you will see: held-out success at step 0, one line per step (success, turns, generated tokens), evaluations,
 and `held-out accuracy: BEFORE -> AFTER` (here accuracy means success rate). Everything else (the loss, the
@@ -69,8 +69,8 @@ class TreeConfig(Config):
     """L: expansion rounds (authors: 1). A tree ends with 1 + N x L leaves"""
     leaves_per_tree: int = 3
     """K: leaves sampled per tree as training rows (authors: 3); at most 1 + N x L"""
-    num_generations: int = 4
-    """chains per prompt with --no-tree (the authors compare with 4). Ignored by the tree, whose rows per prompt are M x K"""
+    num_generations: int = 5
+    """chains per prompt with --no-tree. 5, not the authors' 4, so that the chains generate about as many tokens per step as the M=2, N=2, L=1 trees (measured: see the README). Ignored by the tree, whose rows per prompt are M x K"""
     max_turns: int = 4
     """turns per episode at most; an episode without an answer by then gets reward 0"""
     max_turn_tokens: int = 24
@@ -79,13 +79,11 @@ class TreeConfig(Config):
     """dr_grpo's constant normaliser; set to max_turns x max_turn_tokens (the most tokens the model can write)"""
     prompts_per_step: int = 4
     """prompts (questions) per step"""
-    max_steps: int = 30
+    max_steps: int = 24
     """training steps"""
-    learning_rate: float = 2e-5
-    """AdamW learning rate (constant after warm-up)"""
-    num_eval_problems: int = 48
+    num_eval_problems: int = 32
     """held-out questions, answered greedily (one chain each) before, during and after training"""
-    eval_every: int = 10
+    eval_every: int = 8
     """evaluate every N steps (0: only before and after training)"""
 
     def validate(self) -> None:
@@ -112,24 +110,31 @@ class TreeConfig(Config):
 # 2. The environment: a small world of people, friends and cities, and a search tool
 # ======================================================================================================================
 # Every question is generated from a seed, so there is nothing to download and the train/eval split is reproducible.
-# Four people per world; each has a friend (another of the four) and a city. The asked person's own city is never
-# the answer, so answering after one search is wrong: the task needs both hops.
+# A world is four people. The asked person's entry names their friend; every other entry gives a city. So the first
+# search gives no city to copy, and only a second search, of the friend, gives the answer: the task needs both hops
+# (a distractor city sits in the entries of the other two people, for a model that searches the wrong name).
 
 PEOPLE = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar", "Nina",
           "Paul", "Rosa", "Sam"]
 CITIES = ["Oslo", "Rome", "Lima", "Seoul", "Dublin", "Quito", "Vienna", "Lagos", "Perth", "Riga", "Tunis", "Zurich"]
-TOOL_INSTRUCTIONS = (
-    "Find the answer with the search tool. In each turn, write one line:\n"
-    "search: NAME (to look a person up), or\n"
-    "answer: CITY (your final answer).\n"
-    "Example:\n"
-    "Question: Where does Kim's friend live?\n"
-    "search: Kim\n"
-    "Result: Kim's friend is Leo. Kim lives in Paris.\n"
-    "search: Leo\n"
-    "Result: Leo's friend is Kim. Leo lives in Cairo.\n"
-    "answer: Cairo\n"
-)
+# The curriculum. Without help, SmolLM2-135M answers after ONE search (1% of sampled episodes succeed: too few for
+# RL to learn from in minutes); when the first result says whom to search next, it succeeds every time (greedy
+# 48/48). So half of the worlds' entries carry that hint and half do not: the hinted half gives the early reward,
+# and the un-hinted half is what there is to learn.
+HINTED_SHARE = 0.5
+TOOL_INSTRUCTIONS = ("Find the answer with the search tool. In each turn, write one line: search: NAME (to look a "
+                     "person up), or answer: CITY (your final answer).")
+# One solved example, given as a real earlier conversation in the chat format: a 135M model copies a format from
+# its own past turns far more readily than from a description (with the example as plain text in one message,
+# SmolLM2-135M never called the tool: 0 of 48 held-out questions).
+EXAMPLE_DIALOGUE = [
+    ("user", f"{TOOL_INSTRUCTIONS}\nQuestion: Where does Kim's friend live?"),
+    ("assistant", "search: Kim"),
+    ("user", "Result: Kim's friend is Leo. Search Leo to find where Leo lives."),
+    ("assistant", "search: Leo"),
+    ("user", "Result: Leo lives in Cairo."),
+    ("assistant", "answer: Cairo"),
+]
 
 
 @dataclass
@@ -138,37 +143,29 @@ class Quest:
 
     prompt: str
     answer: str
-    facts: dict  # name -> (friend, city)
+    facts: dict  # name -> what a search for that name returns
 
     def search(self, name: str) -> str:
-        """The tool: what the world knows about `name`."""
-        for person, (friend, city) in self.facts.items():
+        """The tool: the entry for `name` (any capitalisation), or a miss."""
+        for person, fact in self.facts.items():
             if person.lower() == name.lower():
-                return f"Result: {person}'s friend is {friend}. {person} lives in {city}."
+                return f"Result: {fact}"
         return f"Result: nothing found for {name}."
 
 
 def make_quest(rng: random.Random) -> Quest:
-    people = rng.sample(PEOPLE, 4)
-    friends = people[1:] + people[:1]  # a cycle: everyone has a friend who is someone else
-    rng.shuffle(friends)
-    while any(a == b for a, b in zip(people, friends)):  # re-deal until nobody is their own friend
-        rng.shuffle(friends)
-    facts = {}
-    asked, friend_of_asked = people[0], friends[0]
-    for person, friend in zip(people, friends):
-        facts[person] = (friend, rng.choice(CITIES))
-    while facts[asked][1] == facts[friend_of_asked][1]:  # the one-hop answer must be wrong
-        facts[asked] = (facts[asked][0], rng.choice(CITIES))
-    order = list(facts.items())
-    rng.shuffle(order)  # the order of facts carries no hint
-    return Quest(prompt=f"Where does {asked}'s friend live?", answer=facts[friend_of_asked][1], facts=dict(order))
+    asked, friend, *others = rng.sample(PEOPLE, 4)
+    cities = rng.sample(CITIES, 3)
+    hint = f" Search {friend} to find where {friend} lives." if rng.random() < HINTED_SHARE else ""
+    facts = {asked: f"{asked}'s friend is {friend}.{hint}", friend: f"{friend} lives in {cities[0]}.",
+             others[0]: f"{others[0]} lives in {cities[1]}.", others[1]: f"{others[1]} lives in {cities[2]}."}
+    return Quest(prompt=f"Where does {asked}'s friend live?", answer=cities[0], facts=facts)
 
 
 def make_quest_split(seed: int, num_train: int, num_eval: int) -> tuple:
     """Seeded train/eval split; no held-out question (with its world) appears in training."""
     rng = random.Random(seed)
-    key = lambda q: (q.prompt, tuple(q.facts.items()))  # noqa: E731
+    key = lambda q: (q.prompt, tuple(sorted(q.facts.items())))  # noqa: E731
     eval_set = {}
     while len(eval_set) < num_eval:
         q = make_quest(rng)
@@ -217,10 +214,12 @@ class Episode:
     finished: bool = False
     answer: Optional[str] = None
     generated_tokens: int = 0  # tokens this episode generated itself (not those copied from its parent)
+    kept_turns: int = 0  # turns copied from the parent when this episode branched off (0: a trunk, or from the root)
 
     def branch(self, keep: int) -> "Episode":
         """A new episode that shares this one's first `keep` turns and observations (keep = 0: from the root)."""
-        return Episode(self.quest, self.tree, self.turns[:keep], self.observations[:keep], self.node_ids[:keep])
+        return Episode(self.quest, self.tree, self.turns[:keep], self.observations[:keep], self.node_ids[:keep],
+                       kept_turns=keep)
 
     def segments(self) -> list:
         """[(ids, written_by_model)] in order: turn, observation, turn, ..."""
@@ -254,12 +253,13 @@ class EpisodeFormat:
             self.before, self.after = f"{self.eos_text}\n", "\n"
 
     def prompt_ids(self, quest: Quest) -> list:
-        content = f"{TOOL_INSTRUCTIONS}\nQuestion: {quest.prompt}"
+        """The example dialogue, then the question, ready for the model's first turn."""
+        messages = [*EXAMPLE_DIALOGUE, ("user", f"{TOOL_INSTRUCTIONS}\nQuestion: {quest.prompt}")]
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                      tokenize=False, add_generation_prompt=True)
         else:
-            text = f"{content}\n"
+            text = "".join(f"{c}\n" for _, c in messages)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def observation_ids(self, text: str, turn_ended_with_eos: bool) -> list:

@@ -47,10 +47,14 @@ METHODS = {  # name -> (script, flags that make the method)
     "seed_grpo": ("seed_grpo.py", []),
     "gfpo_shortest": ("gfpo.py", ["--filter_metric", "shortest"]),
     "gfpo_token_efficiency": ("gfpo.py", ["--filter_metric", "token_efficiency"]),
+    # the multi-turn tool-use task of tree_grpo.py: chains (the baseline) and trees, with the tree preset
+    "chain_multiturn": ("tree_grpo.py", ["--no-tree"]),
+    "tree_grpo": ("tree_grpo.py", []),
 }
 PRESETS = {  # flags shared by every method; GFPO then doubles num_generations and keeps the original G
     "cpu": {"task": "arithmetic", "reward": "signed", "max_steps": 20, "prompts_per_step": 4, "num_generations": 8,
             "max_completion_length": 64, "num_eval_problems": 64, "eval_every": 5},
+    "tree": {},  # tree_grpo.py's own defaults (a 15-minute CPU run each); its methods ignore the task flags
     "gpu": {"task": "multistep", "reward": "signed", "max_steps": 200, "prompts_per_step": 16, "num_generations": 8,
             "max_completion_length": 256, "num_eval_problems": 256, "eval_every": 20,
             "max_tokens_per_micro_batch": 16384},
@@ -153,9 +157,16 @@ def curve(per_seed: list, key: str) -> tuple:
     return steps, means, stds
 
 
-def plot_curves(runs: dict, path: Path) -> bool:
-    """Four panels of per-step curves, each method's mean over seeds with a ± one std band.
-    False when matplotlib is missing."""
+COMPARE_PANELS = [("reward", "training reward (mean of the step's samples)"),
+                  ("completion_len", "training completion length (tokens)"),
+                  ("eval_accuracy", "held-out greedy accuracy"),
+                  ("eval_completion_len", "held-out mean completion length (tokens)")]
+
+
+def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
+    """One panel per (metrics key, title): per-step curves, each method's mean over seeds with a ± one std band.
+    runs: {label: [{"records": metrics.jsonl records}, ...one per seed]}. False when matplotlib is missing.
+    benchmarks/plot_run.py draws a single run with it."""
     try:
         import matplotlib
 
@@ -163,11 +174,8 @@ def plot_curves(runs: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4))
-    panels = [("reward", "training reward (mean of the step's samples)"),
-              ("completion_len", "training completion length (tokens)"),
-              ("eval_accuracy", "held-out greedy accuracy"),
-              ("eval_completion_len", "held-out mean completion length (tokens)")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     for axis, (key, title) in zip(axes, panels):
         for method, per_seed in runs.items():
             steps, means, stds = curve(per_seed, key)
@@ -206,7 +214,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS)[:4])  # not the tree's
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a setting for every method, e.g. max_steps=2 model=DIR")
     parser.add_argument("--output_dir", default="runs/compare")

@@ -222,7 +222,7 @@ def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tok
     problems = g.make_arithmetic_split(0, 2, 1)[0]
     ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, torch.device("cpu"))
     rows = [0, 2, 3, 4, 5]  # row 1 skipped: prompt 0 has two rows here, prompt 1 three
-    prompt_ids, prompt_mask, completion_ids, mask, prompt_index = g.micro_batch_tensors(ro, rows)
+    prompt_ids, prompt_mask, completion_ids, mask, prompt_index, _ = g.micro_batch_tensors(ro, rows)
     assert prompt_ids.size(0) == 2 and prompt_index.tolist() == [0, 0, 1, 1, 1]
 
     tiny_model.zero_grad(set_to_none=True)
