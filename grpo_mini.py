@@ -21,17 +21,20 @@ Run it (the first command is the one the README's Quickstart uses):
 What you will see: a held-out greedy accuracy line at step 0, then one line per training step with fixed keys
 (reward, acc, zero_std, len, trunc, kl, clip, gnorm, s, tok/s), evaluations every `--eval_every` steps, and a last
 line `held-out accuracy: BEFORE -> AFTER`. Metrics go to OUTPUT_DIR/metrics.jsonl, the trained model and tokenizer
-to OUTPUT_DIR/model. The README says what each key means and lists measured numbers per machine.
+to OUTPUT_DIR/model, a resumable checkpoint to OUTPUT_DIR/checkpoint (`--resume` continues it; Ctrl-C and SIGTERM
+save first). The README says what each key means and lists measured numbers per machine.
 
 Sections follow the algorithm:
     1. Config            2. Task and rewards     3. Model loading       4. Rollout
     5. Log-probs         6. Advantages           7. Loss                8. Training loop
     9. Evaluation        10. Command line
-Section 4b (fast sampling) is engineering, not algorithm: a first-time reader can take `sample_completions` as "a
-faster model.generate" and skip it.
+Sections 4b (fast sampling), 8b (checkpoints, resume, safe exits), 8c (LoRA), 8d (TensorBoard / wandb) and 8e
+(torchrun) are engineering, not algorithm: a first-time reader can take `sample_completions` as "a faster
+model.generate" and skip all five.
 
-`seed_grpo.py` and `gfpo.py` import everything here and replace only the advantage step (section 6); reading one
-of them is reading the difference between that algorithm and GRPO.
+`seed_grpo.py` and `gfpo.py` import everything here and replace only the advantage step (section 6);
+`tree_grpo.py` also replaces the task, the rollout and the evaluation (train()'s task_fn, rollout_fn and
+evaluate_fn hooks). Reading one of them is reading the difference between that algorithm and GRPO.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ class Config:
     report_to: str = "none"
     """also log the step and evaluation scalars to: none | tensorboard (OUTPUT_DIR/tensorboard; pip install tensorboard) | wandb (pip install wandb; offline into OUTPUT_DIR/wandb unless you are logged in). metrics.jsonl is always written"""
     overwrite: bool = False
-    """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model and checkpoint)"""
+    """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model/, checkpoint/, tensorboard/ and wandb/; nothing else)"""
     # --- GRPO -------------------------------------------------------------------------------------------------------
     max_steps: int = 50
     """training steps; each step samples prompts_per_step x num_generations completions"""
@@ -1032,7 +1035,8 @@ def micro_batch_tensors(ro: Rollout, rows: list):
     distinct, prompt_index = torch.unique(groups, return_inverse=True)
     first_rows = distinct * ro.num_generations
     prompt_ids, prompt_mask = ro.prompt_ids[first_rows], ro.prompt_mask[first_rows]
-    completion_ids, mask, attention = ro.completion_ids[rows_t], ro.completion_mask[rows_t], ro.completion_attention[rows_t]
+    completion_ids, mask = ro.completion_ids[rows_t], ro.completion_mask[rows_t]
+    attention = ro.completion_attention[rows_t]
     first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these prompts
     used_cols = torch.nonzero(attention.sum(0) > 0)
     last_completion_col = int(used_cols.max()) + 1 if used_cols.numel() else 0  # right padding shared by all rows

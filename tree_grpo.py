@@ -125,8 +125,9 @@ HINTED_SHARE = 0.5
 TOOL_INSTRUCTIONS = ("Find the answer with the search tool. In each turn, write one line: search: NAME (to look a "
                      "person up), or answer: CITY (your final answer).")
 # One solved example, given as a real earlier conversation in the chat format: a 135M model copies a format from
-# its own past turns far more readily than from a description (with the example as plain text in one message,
-# SmolLM2-135M never called the tool: 0 of 48 held-out questions).
+# its own past turns far more readily than from a description. With the same example as plain text inside one
+# message, SmolLM2-135M (greedy) wrote a made-up answer at once in almost every episode (1.04 turns on average) and
+# solved none of 48 held-out questions.
 EXAMPLE_DIALOGUE = [
     ("user", f"{TOOL_INSTRUCTIONS}\nQuestion: Where does Kim's friend live?"),
     ("assistant", "search: Kim"),

@@ -168,3 +168,16 @@ def test_torchrun_training_run_logs_once(tiny_model_dir, tmp_path, script, flags
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_wandb_runs_offline_without_an_account(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    cfg = g.Config(output_dir=str(tmp_path / "run"), report_to="wandb", save_every=0, save_model=False,
+                   **{**TINY, "max_steps": 2})
+    g.train(cfg, reward_fn=char_code_reward, model=tiny_model, tokenizer=tiny_tokenizer,
+            problems=g.make_arithmetic_split(0, 20, 4))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run, ready for `wandb sync`

@@ -98,6 +98,9 @@ def test_likelihood_estimator_uses_the_sampling_logps():
     (["--modulation", "focal"], "--modulation must be one of"), (["--alpha", "-1"], "--alpha must be >= 0"),
     (["--modulation", "linear", "--alpha", "2"], "--alpha must be <= 1 with --modulation linear"),
     (["--judge", "llm"], "--judge must be one of"), (["--estimator", "rao"], "--estimator must be one of"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    # the NLI judge loads (and fails) before the policy model: the policy path here does not exist either
+    (["--judge", "nli", "--nli_model", "/nonexistent/nli", "--model", "/nonexistent/policy"], "--nli-model"),
 ])
 def test_bad_flags_fail_before_any_model_loads(flags, message):
     result = run_script("seed_grpo.py", *flags, timeout=60)
