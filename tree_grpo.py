@@ -14,7 +14,7 @@ Tree-GRPO changes the rollout, and with it the advantage. A tree node is one who
 Rows that share a prefix each carry their own advantage, so a shared turn is pushed by every leaf below it: a turn
 after which most branches succeed is pushed up more than one after which most fail. That is the step-level
 signal, got from outcome rewards alone. Branching also saves tokens: a branch re-uses its prefix instead of
-generating it again, so M = 2 trees of 3 leaves cost about as much as 4 chains and give 6 rows.
+generating it again, so M = 2 trees of 3 leaves (6 rows) cost between 4 and 5 chains here (measured: README).
 
 Tokens the environment wrote (the observations) are in every row, so that the model reads them, but are masked out
 of the loss: the policy is not trained to predict what the tool says.
@@ -70,7 +70,7 @@ class TreeConfig(Config):
     leaves_per_tree: int = 3
     """K: leaves sampled per tree as training rows (authors: 3); at most 1 + N x L"""
     num_generations: int = 5
-    """chains per prompt with --no-tree. 5, not the authors' 4, so that the chains generate about as many tokens per step as the M=2, N=2, L=1 trees (measured: see the README). Ignored by the tree, whose rows per prompt are M x K"""
+    """chains per prompt with --no-tree. Measured, four chains generate 0.80x the tokens of the M=2, N=2, L=1 trees and five chains 1.16x (README); 5 is the nearer. Ignored by the tree, whose rows per prompt are M x K"""
     max_turns: int = 4
     """turns per episode at most; an episode without an answer by then gets reward 0"""
     max_turn_tokens: int = 24
@@ -100,6 +100,8 @@ class TreeConfig(Config):
             raise ConfigError("--num_trees x --leaves_per_tree must be >= 2: a prompt needs two rows to compare")
         if self.data is not None:
             raise ConfigError("--data: tree_grpo.py has its own multi-turn task; --data is not used here")
+        if self.dynamic_sampling:
+            raise ConfigError("--dynamic_sampling is not supported by tree_grpo.py (its rollout replaces GRPO's)")
 
     @property
     def rows_per_prompt(self) -> int:

@@ -159,6 +159,8 @@ def test_bad_tree_flags_fail_before_any_model_loads():
         t.TreeConfig(leaves_per_tree=4).validate()
     with pytest.raises(g.ConfigError, match="--num_trees must be >= 1"):
         t.TreeConfig(num_trees=0).validate()
+    with pytest.raises(g.ConfigError, match="--dynamic_sampling is not supported"):
+        t.TreeConfig(dynamic_sampling=True).validate()
 
 
 @pytest.mark.parametrize("extra", [[], ["--no-tree"]])
