@@ -1509,6 +1509,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                     "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
                     "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
                 }
+                record["tokens_per_s"] = record["tokens_sampled"] / elapsed  # every generated token, kept or not
                 if world > 1:
                     record = mean_record_over_ranks(record, device)
                 with exits.held():  # the step's line and its end-of-step state go together
