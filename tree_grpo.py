@@ -246,6 +246,7 @@ class EpisodeFormat:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._prompts: dict = {}  # question -> prompt token ids
         self.eos_text = tokenizer.decode([tokenizer.eos_token_id])
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
@@ -256,7 +257,13 @@ class EpisodeFormat:
             self.before, self.after = f"{self.eos_text}\n", "\n"
 
     def prompt_ids(self, quest: Quest) -> list:
-        """The example dialogue, then the question, ready for the model's first turn."""
+        """The example dialogue, then the question, ready for the model's first turn (tokenized once per question:
+        every turn of every episode starts from it)."""
+        if quest.prompt not in self._prompts:
+            self._prompts[quest.prompt] = self._tokenize_prompt(quest)
+        return self._prompts[quest.prompt]
+
+    def _tokenize_prompt(self, quest: Quest) -> list:
         messages = [*EXAMPLE_DIALOGUE, ("user", f"{TOOL_INSTRUCTIONS}\nQuestion: {quest.prompt}")]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
