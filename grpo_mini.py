@@ -1494,7 +1494,6 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                                                 device, reward_fn, make_advantages, sampler=sampler,
                                                 draw_prompts=draw_prompts, rollout_fn=rollout_fn)
                 elapsed = time.time() - t0
-                sampled_tokens = ro.completion_mask.sum().item()
                 skipped += stats is None
                 record = {
                     "step": step, "reward": ro.rewards.mean().item(),
@@ -1505,7 +1504,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
                     "clip_low": stats and stats["clip_low"], "clip_high": stats and stats["clip_high"],
                     "ratio": stats and stats["ratio"], "loss": stats and stats["loss"],
                     "grad_norm": stats and stats["grad_norm"], "step_s": elapsed,
-                    "tokens_per_s": sampled_tokens / elapsed, "tokens_sampled": sampled_tokens,
+                    "tokens_sampled": ro.completion_mask.sum().item(),
                     "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": scheduler.get_last_lr()[0],
                     "skipped": stats is None, **extra,  # dynamic sampling's tokens_sampled (all groups) overrides
                 }
