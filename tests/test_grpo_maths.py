@@ -61,6 +61,40 @@ def test_selective_log_softmax_example_and_agreement():
     assert torch.allclose(g.selective_log_softmax(logits, ids), full, atol=1e-6)
 
 
+
+def test_chunked_token_logps_example_value_and_gradient():
+    """TokenLogProbs' docstring example: log p = ln(3/4); the gradient of log p(y) is 1[j = y] - p_j."""
+    logits = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    logp = g.chunked_token_logps(logits, torch.tensor([1]))
+    assert logp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    logp.sum().backward()
+    assert torch.allclose(logits.grad, torch.tensor([[-0.25, 0.25]]), atol=1e-6)
+
+
+def test_chunked_token_logps_matches_autograd_across_chunks():
+    """Same values and gradients as autograd through log_softmax(logits / tau), over more rows than one
+    chunk (so the chunk loop and its last, partial chunk are exercised), in fp64 (gradcheck) and from bf16 logits."""
+    torch.manual_seed(0)
+    rows = 2 * g.TokenLogProbs.CHUNK_ROWS + 3
+    logits = torch.randn(2, rows, 13, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 13, (2, rows))
+    assert torch.autograd.gradcheck(lambda z: g.chunked_token_logps(z, ids, 0.7), (logits,))
+    upstream = torch.randn(2, rows, dtype=torch.float64)
+    ours = g.chunked_token_logps(logits, ids, 0.7)
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    reference = torch.log_softmax(logits / 0.7, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), logits)
+    assert torch.allclose(ours, reference, atol=1e-12) and torch.allclose(grad_ours, grad_reference, atol=1e-12)
+    # bf16 logits (autocast's output): fp32 log-probs, a bf16 gradient within bf16 rounding of the exact one
+    low = logits.detach().bfloat16().requires_grad_(True)
+    ours_bf16 = g.chunked_token_logps(low, ids, 0.7)
+    assert ours_bf16.dtype == torch.float32
+    exact_bf16 = torch.log_softmax(low.double() / 0.7, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(ours_bf16.double(), exact_bf16, atol=1e-5)
+    (grad_bf16,) = torch.autograd.grad((ours_bf16 * upstream.float()).sum(), low)
+    assert grad_bf16.dtype == torch.bfloat16
+    assert torch.allclose(grad_bf16.double(), grad_reference, atol=2e-2, rtol=1e-2)
+
 def test_mean_token_logps():
     logps = torch.tensor([[-1.0, -3.0, -100.0]])
     assert g.mean_token_logps(logps, torch.tensor([[1.0, 1.0, 0.0]])).item() == -2.0

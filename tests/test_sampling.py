@@ -111,3 +111,44 @@ def test_bf16_step_moves_the_weights_like_an_fp32_step(tiny_tokenizer):
         updates.append(torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())]))
     cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0).item()
     assert cosine > 0.99, cosine
+
+
+def test_attention_choice_and_the_sampling_copy_keeps_its_kernel(tiny_model):
+    """auto trains with eager attention only on a CPU computing in bf16 (where it was measured faster); the bf16
+    sampling copy gets the kernel it is given, whatever the policy trains with."""
+    assert g.pick_attention("auto", CPU, torch.bfloat16) == "eager"
+    assert g.pick_attention("auto", CPU, torch.float32) is None  # fp32: the policy also samples; leave it alone
+    assert g.pick_attention("auto", torch.device("cuda"), torch.bfloat16) is None
+    assert g.pick_attention("sdpa", CPU, torch.bfloat16) == "sdpa"
+    with pytest.raises(g.ConfigError, match="--attn_implementation "):
+        g.Config(attn_implementation="flash").validate()
+    policy = copy.deepcopy(tiny_model)
+    policy.set_attn_implementation("eager")
+    sampler = g.make_sampling_model(policy, torch.bfloat16, "sdpa")
+    assert policy.config._attn_implementation == "eager" and sampler.config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_give_the_same_logps_and_gradients(tiny_model, tiny_tokenizer):
+    """The attention kernel is a speed choice only: completion log-probs and their gradient agree (fp32)."""
+    torch.manual_seed(0)
+    cfg = g.Config(num_generations=3, max_completion_length=6, temperature=0.7, device="cpu", dtype="fp32")
+    ro = g.rollout(tiny_model, tiny_tokenizer, g.make_arithmetic_split(0, 2, 1)[0], cfg, CPU)
+    prompt_ids, prompt_mask, completion_ids, mask, prompt_index, _ = g.micro_batch_tensors(ro, list(range(6)))
+    results = []
+    for kernel in ("sdpa", "eager"):
+        model = copy.deepcopy(tiny_model)
+        model.set_attn_implementation(kernel)
+        logps = g.completion_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+        (logps * mask).sum().backward()
+        results.append((logps * mask, [p.grad for p in model.parameters()]))
+    (sdpa_logps, sdpa_grads), (eager_logps, eager_grads) = results
+    assert torch.allclose(sdpa_logps, eager_logps, atol=1e-5)
+    for a, b in zip(sdpa_grads, eager_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_keep_freed_memory_takes_effect_and_allocations_still_work():
+    assert g.keep_freed_memory() is True  # glibc accepted both settings
+    big = torch.ones(64, 2**20)  # 256 MB, now from the heap instead of its own mapping
+    assert big.sum().item() == 64 * 2**20
