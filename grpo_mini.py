@@ -509,6 +509,16 @@ def pick_attention(name: str, device: torch.device, dtype: torch.dtype) -> Optio
     return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
 
 
+def use_training_attention(model, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Switch `model` to the training kernel that pick_attention chooses for --attn_implementation NAME; return the
+    model's own kernel, which the bf16 sampling copy keeps (make_sampling_model)."""
+    own_kernel = model.config._attn_implementation
+    training_kernel = pick_attention(name, device, dtype)
+    if training_kernel is not None:
+        model.set_attn_implementation(training_kernel)
+    return own_kernel
+
+
 def keep_freed_memory() -> bool:
     """(engineering) Ask glibc's malloc to keep freed memory in the process for reuse. Linux only; returns whether
     it did. train() calls it on the CPU (--keep_freed_memory, on by default).
@@ -1516,10 +1526,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.to(device)
     dtype = pick_dtype(cfg.dtype, device)
-    sampling_attention = model.config._attn_implementation  # the model's own kernel: sampling keeps it
-    training_attention = pick_attention(cfg.attn_implementation, device, dtype)
-    if training_attention is not None:
-        model.set_attn_implementation(training_attention)
+    sampling_attention = use_training_attention(model, cfg.attn_implementation, device, dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The reference model exists only for the KL term: with beta == 0 it would cost memory and a forward for nothing.
     # It is always the --model weights, also when resuming.

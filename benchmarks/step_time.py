@@ -130,10 +130,8 @@ def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: in
     """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     # as train() does: the training attention kernel by --attn_implementation, the sampling copy keeps the model's own
-    dtype, own_kernel = g.pick_dtype(cfg.dtype, device), model.config._attn_implementation
-    training_kernel = g.pick_attention(cfg.attn_implementation, device, dtype)
-    if training_kernel is not None:
-        model.set_attn_implementation(training_kernel)
+    dtype = g.pick_dtype(cfg.dtype, device)
+    own_kernel = g.use_training_attention(model, cfg.attn_implementation, device, dtype)
     sampler = g.make_sampling_model(model, dtype, own_kernel)
     records = []
     with PeakMemory(device) as memory:

@@ -123,8 +123,9 @@ def test_attention_choice_and_the_sampling_copy_keeps_its_kernel(tiny_model):
     with pytest.raises(g.ConfigError, match="--attn_implementation "):
         g.Config(attn_implementation="flash").validate()
     policy = copy.deepcopy(tiny_model)
-    policy.set_attn_implementation("eager")
-    sampler = g.make_sampling_model(policy, torch.bfloat16, "sdpa")
+    own_kernel = g.use_training_attention(policy, "auto", CPU, torch.bfloat16)
+    assert own_kernel == "sdpa" and policy.config._attn_implementation == "eager"
+    sampler = g.make_sampling_model(policy, torch.bfloat16, own_kernel)
     assert policy.config._attn_implementation == "eager" and sampler.config._attn_implementation == "sdpa"
 
 
