@@ -939,7 +939,8 @@ class TokenLogProbs(torch.autograd.Function):
         log_z = torch.empty(flat.size(0), dtype=buffer.dtype, device=flat.device)  # [N]: logsumexp(z / tau)
         for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
             rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
-            scaled = buffer[:flat[rows].size(0)].copy_(flat[rows]).div_(temperature)  # z / tau
+            block = flat[rows]
+            scaled = buffer[:block.size(0)].copy_(block).div_(temperature)  # z / tau
             shift = scaled.amax(dim=-1)  # subtract the row max before exp, so exp cannot overflow
             log_z[rows] = scaled.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
         picked = flat.gather(1, ids.unsqueeze(1)).squeeze(1).to(buffer.dtype) / temperature  # z_y / tau
@@ -955,7 +956,8 @@ class TokenLogProbs(torch.autograd.Function):
         grad = torch.empty_like(flat)  # [N, V]
         for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
             rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
-            chunk = buffer[:flat[rows].size(0)].copy_(flat[rows]).div_(ctx.temperature)
+            block = flat[rows]
+            chunk = buffer[:block.size(0)].copy_(block).div_(ctx.temperature)
             chunk.sub_(log_z[rows].unsqueeze(1)).exp_().mul_(-scale[rows])  # -p_j * g / tau
             chunk.scatter_add_(1, ids[rows].unsqueeze(1), scale[rows])  # + 1[j = y] * g / tau
             grad[rows] = chunk

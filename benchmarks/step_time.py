@@ -6,10 +6,11 @@
 
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
 (64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
-temperature, top_k/top_p, loss_type (dapo) and beta. On the CPU the process first calls grpo_mini.keep_freed_memory,
-as train() does; the setting is process-wide, so TRL's blocks get it too (--no-keep-freed-memory turns it off). The reward is dense (the completion's length in
-characters), so groups almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not
-help here, and the numbers measure raw step efficiency. The two run in alternating blocks in this one process:
+temperature, top_k/top_p, loss_type (dapo) and beta. On the CPU the process first calls
+grpo_mini.keep_freed_memory, as train() does; the setting is process-wide, so TRL's blocks get it too
+(--no-keep-freed-memory turns it off). The reward is dense (the completion's length in characters), so groups
+almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not help here, and the
+numbers measure raw step efficiency. The implementations run in alternating blocks in this one process:
 round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up
 and is not counted.
 
