@@ -3,6 +3,8 @@
     python benchmarks/length_probe.py                            # every setting below: the README's table (~18 min, CPU)
     python benchmarks/length_probe.py --settings arithmetic multistep
     python benchmarks/length_probe.py --model runs/grpo/model --settings arithmetic    # a trained model
+    python benchmarks/length_probe.py --settings two_digit_product --write_jsonl product.jsonl --seed 1234
+        # 1200 distinct problems of one setting as a JSONL file, to train on: python grpo_mini.py --data product.jsonl
 
 Why this exists. GFPO (gfpo.py) is made for the regime in which GRPO's answers grow longer during training, and
 removes that growth. To show it doing so we need a task on which GRPO does lengthen. Training runs to find one are
@@ -58,12 +60,14 @@ def length_advantage_stats(rewards: torch.Tensor, lengths: torch.Tensor, num_gen
 
         A = group_advantages(rewards, G)               (GRPO's (r - mean) / (std + eps), per group)
         length_push = mean over all rows of A_i * |o_i|
+        length_push_stderr = std over groups of each group's mean of A_i * |o_i|, / sqrt(number of groups)
         mixed_fraction = fraction of groups with both right and wrong samples (the only ones with A != 0)
         right_minus_wrong = mean over mixed groups of (mean |o| of the right ones - mean |o| of the wrong ones)
 
     Example, G = 2: rewards [1, 0, 1, 1], lengths [10, 30, 5, 7]
         A = [0.7070, -0.7070, 0, 0]
         length_push = (0.7070 * 10 - 0.7070 * 30 + 0 + 0) / 4 = -3.535    (the right answer is the shorter one)
+        per group: [-7.07, 0] -> std 5.0 -> length_push_stderr = 5.0 / sqrt(2) = 3.535
         mixed_fraction = 0.5,  right_minus_wrong = 10 - 30 = -20
     right_minus_wrong is NaN when no group is mixed. A "right" sample is one with the group's higher reward, so the
     binary (0/1) and signed (+1/-1) rewards give the same numbers."""
@@ -73,7 +77,10 @@ def length_advantage_stats(rewards: torch.Tensor, lengths: torch.Tensor, num_gen
     mixed = grouped_r.amax(dim=1) > grouped_r.amin(dim=1)  # [B]
     gaps = [(grouped_len[b][grouped_r[b] == grouped_r[b].max()].mean()
              - grouped_len[b][grouped_r[b] < grouped_r[b].max()].mean()).item() for b in mixed.nonzero().view(-1)]
-    return {"length_push": (advantages * lengths).mean().item(), "mixed_fraction": mixed.float().mean().item(),
+    per_group = (advantages * lengths).view(-1, num_generations).mean(dim=1)  # [B]; their mean is length_push
+    stderr = (per_group.std() / len(per_group) ** 0.5).item() if len(per_group) > 1 else float("nan")
+    return {"length_push": per_group.mean().item(), "length_push_stderr": stderr,
+            "mixed_fraction": mixed.float().mean().item(),
             "right_minus_wrong": statistics.mean(gaps) if gaps else float("nan")}
 
 
@@ -166,6 +173,18 @@ def make_setting(name: str) -> Callable[[random.Random], gm.Problem]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def distinct_problems(make_problem, count: int, seed: int) -> list:
+    """`count` problems with distinct prompts, drawn in order from random.Random(seed)."""
+    rng, problems, misses = random.Random(seed), {}, 0
+    while len(problems) < count:
+        problem = make_problem(rng)
+        misses = misses + 1 if problem.prompt in problems else 0
+        if misses > 2000:
+            raise gm.ConfigError(f"--num_problems {count}: the setting gave only {len(problems)} distinct prompts")
+        problems.setdefault(problem.prompt, problem)
+    return list(problems.values())
+
+
 def probe(model, sampler, tokenizer, make_problem, cfg: gm.Config, num_prompts: int, device) -> dict:
     """Sample cfg.num_generations completions for num_prompts problems, as a training step would, and measure."""
     gm.set_seed(cfg.seed)
@@ -184,11 +203,12 @@ def table(results: dict, cfg: gm.Config, num_prompts: int, model: str) -> str:
     lines = [f"Untrained-model samples: {num_prompts} prompts x G = {cfg.num_generations}, temperature "
              f"{cfg.temperature}, at most {cfg.max_completion_length} new tokens, seed {cfg.seed}, model {model}.",
              "length_push = mean of A_i x |o_i| (> 0: GRPO's first steps lengthen answers; < 0: they shorten them).", "",
-             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length | length_push |",
+             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length | length_push ± stderr |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | {r['truncated']:.2f} | "
-                     f"{r['mixed_fraction']:.2f} | {r['right_minus_wrong']:+.1f} | {r['length_push']:+.2f} |")
+                     f"{r['mixed_fraction']:.2f} | {r['right_minus_wrong']:+.1f} | {r['length_push']:+.2f} ± "
+                     f"{r['length_push_stderr']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +225,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default="runs/length_probe")
+    parser.add_argument("--write_jsonl", metavar="FILE", help="write --num_problems distinct problems of the one "
+                        "setting in --settings to FILE, as grpo_mini.py --data reads them, and stop (no model)")
+    parser.add_argument("--num_problems", type=int, default=1200, help="rows for --write_jsonl")
     args = parser.parse_args(argv)
     try:  # every bad flag fails here, before the model loads
         makers = {name: make_setting(name) for name in args.settings}
+        if args.write_jsonl:
+            if len(makers) != 1:
+                raise gm.ConfigError(f"--write_jsonl: give exactly one --settings (got {len(makers)})")
+            rows = distinct_problems(next(iter(makers.values())), args.num_problems, args.seed)
+            with open(args.write_jsonl, "w") as handle:
+                handle.writelines(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in rows)
+            print(f"wrote {len(rows)} problems of {args.settings[0]} to {args.write_jsonl}")
+            return 0
         cfg = gm.Config(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                         temperature=args.temperature, seed=args.seed, device=args.device)
         cfg.validate()
@@ -230,7 +261,8 @@ def main(argv=None) -> int:
         r = results[name]
         print(f"{name}: accuracy {r['accuracy']:.3f}, length {r['mean_length']:.1f}, truncated {r['truncated']:.2f}, "
               f"mixed {r['mixed_fraction']:.2f}, right-wrong {r['right_minus_wrong']:+.1f}, "
-              f"length_push {r['length_push']:+.2f} ({time.time() - start:.0f} s)", flush=True)
+              f"length_push {r['length_push']:+.2f} ± {r['length_push_stderr']:.2f} ({time.time() - start:.0f} s)",
+              flush=True)
     text = table(results, cfg, args.prompts, args.model)
     (out / "results.md").write_text(text)
     no_nan = {name: {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}

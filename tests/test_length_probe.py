@@ -15,6 +15,7 @@ import grpo_mini as g
 def test_length_advantage_stats_docstring_example():
     stats = length_advantage_stats(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([10, 30, 5, 7]), 2)
     assert stats["length_push"] == pytest.approx(-3.535, abs=1e-3)
+    assert stats["length_push_stderr"] == pytest.approx(3.535, abs=1e-3)
     assert stats["mixed_fraction"] == 0.5
     assert stats["right_minus_wrong"] == -20
 
@@ -54,3 +55,16 @@ def test_length_probe_script_runs(tiny_model_dir, tmp_path):
 def test_length_probe_bad_setting_fails_before_loading():
     result = run_script("benchmarks/length_probe.py", "--settings", "arithmetic+nope", "--model", "/no/such/model")
     assert result.returncode == 2 and "--settings arithmetic+nope" in result.stderr
+
+
+def test_write_jsonl_gives_distinct_problems_that_grpo_mini_reads(tmp_path):
+    path = tmp_path / "product.jsonl"
+    result = run_script("benchmarks/length_probe.py", "--settings", "two_digit_product", "--write_jsonl", str(path),
+                        "--num_problems", "50", "--seed", "3", "--model", "/no/such/model")  # no model is loaded
+    assert result.returncode == 0, result.stderr[-3000:]
+    problems = g.load_jsonl_problems(str(path))
+    assert len(problems) == 50 == len({p.prompt for p in problems})
+    first = make_setting("two_digit_product")(random.Random(3))
+    assert (problems[0].prompt, problems[0].answer) == (first.prompt, first.answer)
+    two = run_script("benchmarks/length_probe.py", "--settings", "arithmetic", "change", "--write_jsonl", str(path))
+    assert two.returncode == 2 and "exactly one --settings" in two.stderr
