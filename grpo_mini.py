@@ -308,19 +308,26 @@ def make_multistep_problem(rng: random.Random) -> Problem:
 TASK_GENERATORS = {"arithmetic": make_arithmetic_problem, "multistep": make_multistep_problem}
 
 
+def distinct_problems(make_problem: Callable, count: int, rng: random.Random,
+                      flag: str = "--num_eval_problems") -> list[Problem]:
+    """`count` generated problems with distinct prompts, in the order rng draws them. A task that runs out of
+    distinct prompts raises a ConfigError naming `flag` (the flag that asked for `count`) instead of hanging."""
+    problems: dict[str, Problem] = {}
+    misses = 0  # draws in a row that found no new prompt
+    while len(problems) < count:
+        p = make_problem(rng)
+        misses = misses + 1 if p.prompt in problems else 0
+        problems.setdefault(p.prompt, p)
+        if misses > 2000:  # the task has (nearly) run out of distinct prompts: stop, don't hang
+            raise ConfigError(f"{flag} {count}: the task gave only {len(problems)} distinct prompts; ask for fewer")
+    return list(problems.values())
+
+
 def make_arithmetic_split(seed: int, num_train: int, num_eval: int,
                           make_problem: Callable = make_arithmetic_problem) -> tuple[list[Problem], list[Problem]]:
     """Seeded train/eval split of generated problems, with no prompt shared between the two."""
     rng = random.Random(seed)
-    eval_set: dict[str, Problem] = {}
-    misses = 0  # draws in a row that found no new prompt
-    while len(eval_set) < num_eval:
-        p = make_problem(rng)
-        misses = misses + 1 if p.prompt in eval_set else 0
-        eval_set.setdefault(p.prompt, p)
-        if misses > 2000:  # the task has (nearly) run out of distinct prompts: stop, don't hang
-            raise ConfigError(f"--num_eval_problems {num_eval}: the built-in task gave only {len(eval_set)} "
-                              f"distinct prompts; ask for fewer")
+    eval_set = {p.prompt: p for p in distinct_problems(make_problem, num_eval, rng)}
     train: list[Problem] = []
     while len(train) < num_train:
         p = make_problem(rng)

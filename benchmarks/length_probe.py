@@ -173,18 +173,6 @@ def make_setting(name: str) -> Callable[[random.Random], gm.Problem]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def distinct_problems(make_problem, count: int, seed: int) -> list:
-    """`count` problems with distinct prompts, drawn in order from random.Random(seed)."""
-    rng, problems, misses = random.Random(seed), {}, 0
-    while len(problems) < count:
-        problem = make_problem(rng)
-        misses = misses + 1 if problem.prompt in problems else 0
-        if misses > 2000:
-            raise gm.ConfigError(f"--num_problems {count}: the setting gave only {len(problems)} distinct prompts")
-        problems.setdefault(problem.prompt, problem)
-    return list(problems.values())
-
-
 def probe(model, sampler, tokenizer, make_problem, cfg: gm.Config, num_prompts: int, device) -> dict:
     """Sample cfg.num_generations completions for num_prompts problems, as a training step would, and measure."""
     gm.set_seed(cfg.seed)
@@ -234,7 +222,8 @@ def main(argv=None) -> int:
         if args.write_jsonl:
             if len(makers) != 1:
                 raise gm.ConfigError(f"--write_jsonl: give exactly one --settings (got {len(makers)})")
-            rows = distinct_problems(next(iter(makers.values())), args.num_problems, args.seed)
+            rows = gm.distinct_problems(next(iter(makers.values())), args.num_problems, random.Random(args.seed),
+                                        flag="--num_problems")
             with open(args.write_jsonl, "w") as handle:
                 handle.writelines(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in rows)
             print(f"wrote {len(rows)} problems of {args.settings[0]} to {args.write_jsonl}")

@@ -148,6 +148,16 @@ def test_arithmetic_split_is_seeded_and_disjoint():
     assert all(float(p.answer).is_integer() and p.answer > 0 for p in train)
 
 
+def test_distinct_problems_stops_with_the_flag_named_when_a_task_runs_out():
+    import random
+
+    def two_prompts(rng):
+        return g.Problem(prompt=rng.choice(["a", "b"]), answer=1.0)
+    assert sorted(p.prompt for p in g.distinct_problems(two_prompts, 2, random.Random(0))) == ["a", "b"]
+    with pytest.raises(g.ConfigError, match=r"^--num_problems 3: the task gave only 2 distinct prompts"):
+        g.distinct_problems(two_prompts, 3, random.Random(0), flag="--num_problems")
+
+
 # ---------------------------------------------------------------------------------------------- the loss, by hand
 # Two completions of 3 token slots; the second has 2 real tokens. Ratios are chosen to hit both clip sides:
 #   row 0, A = +1.0: rho = [1.5, 1.0, 0.9]            -> token 0 clipped high (1.2)
