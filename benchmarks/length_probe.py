@@ -21,10 +21,11 @@ It is > 0 when the first steps will lengthen answers and < 0 when they will shor
 all right or all wrong (A = 0), so a task that is far too hard or too easy gives no push either way; the table also
 shows the fraction of groups that are mixed, and the mean length gap (right minus wrong) inside them.
 
-What you should see (measured; the numbers are in the README and benchmarks/results/length_probe_cpu.md): on every
-setting we tried with SmolLM2-135M-Instruct, wherever the model gets more than a few percent right, the right
-answers are the SHORT ones, and length_push is negative. Long answers at this size are mostly rambling that ends on
-a wrong number, so GRPO shortens them.
+What you should see (measured; the table is in the README and benchmarks/results/length_probe_cpu.md): with
+SmolLM2-135M-Instruct, the settings where the model gets a useful share right (arithmetic: 19% of samples) have the
+right answers SHORTER than the wrong ones and length_push clearly negative (-4.0 ± 1.1). The harder settings give
+small positive pushes, each within about one standard error of zero, from 2-7% right. Long answers at this size are
+mostly rambling that ends on a wrong number, so where GRPO learns, it shortens them.
 
 The settings: the two built-in tasks (grpo_mini --task), five more word-problem families written for this search,
 and two changes of instruction: "brief" asks for the number alone (so that writing out the working would be a
@@ -187,6 +188,11 @@ def probe(model, sampler, tokenizer, make_problem, cfg: gm.Config, num_prompts: 
                          for row in range(0, len(ro.completions), cfg.num_generations)][:4]}  # 1st sample, 4 prompts
 
 
+def signed_or_dash(value, digits: int) -> str:
+    """+1.5 / -0.3, or "-" where there is no value (NaN or None: no mixed group)."""
+    return "-" if value is None or value != value else f"{value:+.{digits}f}"
+
+
 def table(results: dict, cfg: gm.Config, num_prompts: int, model: str) -> str:
     lines = [f"Untrained-model samples: {num_prompts} prompts x G = {cfg.num_generations}, temperature "
              f"{cfg.temperature}, at most {cfg.max_completion_length} new tokens, seed {cfg.seed}, model {model}.",
@@ -195,7 +201,7 @@ def table(results: dict, cfg: gm.Config, num_prompts: int, model: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | {r['truncated']:.2f} | "
-                     f"{r['mixed_fraction']:.2f} | {r['right_minus_wrong']:+.1f} | {r['length_push']:+.2f} ± "
+                     f"{r['mixed_fraction']:.2f} | {signed_or_dash(r['right_minus_wrong'], 1)} | {r['length_push']:+.2f} ± "
                      f"{r['length_push_stderr']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -249,7 +255,7 @@ def main(argv=None) -> int:
         results[name] = probe(model, sampler, tokenizer, make_problem, cfg, args.prompts, device)
         r = results[name]
         print(f"{name}: accuracy {r['accuracy']:.3f}, length {r['mean_length']:.1f}, truncated {r['truncated']:.2f}, "
-              f"mixed {r['mixed_fraction']:.2f}, right-wrong {r['right_minus_wrong']:+.1f}, "
+              f"mixed {r['mixed_fraction']:.2f}, right-wrong {signed_or_dash(r['right_minus_wrong'], 1)}, "
               f"length_push {r['length_push']:+.2f} ± {r['length_push_stderr']:.2f} ({time.time() - start:.0f} s)",
               flush=True)
     text = table(results, cfg, args.prompts, args.model)
