@@ -337,7 +337,7 @@ def test_dynamic_sampling_run_logs_groups(tiny_model, tiny_tokenizer, tmp_path):
 
 def test_too_many_eval_problems_fail_fast_instead_of_hanging():
     start = time.time()
-    with pytest.raises(g.ConfigError, match="--num_eval_problems 200000: the built-in task gave only"):
+    with pytest.raises(g.ConfigError, match="--num_eval_problems 200000: the task gave only"):
         g.build_task(g.Config(num_eval_problems=200_000, num_train_problems=10))
     assert time.time() - start < 60
 
