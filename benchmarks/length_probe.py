@@ -1,6 +1,6 @@
 """benchmarks/length_probe.py: which way will GRPO push the completion length on a task? Measured before training.
 
-    python benchmarks/length_probe.py                            # every setting below: the README's table (~18 min, CPU)
+    python benchmarks/length_probe.py                          # every setting below: the README's table (~18 min, CPU)
     python benchmarks/length_probe.py --settings arithmetic multistep
     python benchmarks/length_probe.py --model runs/grpo/model --settings arithmetic    # a trained model
     python benchmarks/length_probe.py --settings two_digit_product --write_jsonl product.jsonl --seed 1234
@@ -194,14 +194,17 @@ def signed_or_dash(value, digits: int) -> str:
 
 
 def table(results: dict, cfg: gm.Config, num_prompts: int, model: str) -> str:
-    lines = [f"Untrained-model samples: {num_prompts} prompts x G = {cfg.num_generations}, temperature "
+    lines = [f"Samples: {num_prompts} prompts x G = {cfg.num_generations}, temperature "
              f"{cfg.temperature}, at most {cfg.max_completion_length} new tokens, seed {cfg.seed}, model {model}.",
-             "length_push = mean of A_i x |o_i| (> 0: GRPO's first steps lengthen answers; < 0: they shorten them).", "",
-             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length | length_push ± stderr |",
+             "length_push = mean of A_i x |o_i| (> 0: GRPO's first steps lengthen answers; < 0: they shorten "
+             "them).", "",
+             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length "
+             "| length_push ± stderr |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | {r['truncated']:.2f} | "
-                     f"{r['mixed_fraction']:.2f} | {signed_or_dash(r['right_minus_wrong'], 1)} | {r['length_push']:+.2f} ± "
+                     f"{r['mixed_fraction']:.2f} | {signed_or_dash(r['right_minus_wrong'], 1)} | "
+                     f"{r['length_push']:+.2f} ± "
                      f"{r['length_push_stderr']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -211,14 +214,14 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", default=SETTINGS, metavar="FAMILY[+VARIANT]",
                         help=f"families: {', '.join(FAMILIES)}; variants: {', '.join(VARIANTS)} (default: all "
                              f"{len(SETTINGS)} of the README's table)")
-    parser.add_argument("--model", default=gm.DEFAULT_MODEL)
+    parser.add_argument("--model", default=gm.DEFAULT_MODEL, help="as grpo_mini.py --model (default: SmolLM2-135M)")
     parser.add_argument("--prompts", type=int, default=32, help="problems per setting")
-    parser.add_argument("--num_generations", type=int, default=8)
-    parser.add_argument("--max_completion_length", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--output_dir", default="runs/length_probe")
+    parser.add_argument("--num_generations", type=int, default=8, help="completions per prompt, the group size G")
+    parser.add_argument("--max_completion_length", type=int, default=128, help="maximum new tokens per completion")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, as in training")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the problems and the sampling")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
+    parser.add_argument("--output_dir", default="runs/length_probe", help="where results.md and summary.json go")
     parser.add_argument("--write_jsonl", metavar="FILE", help="write --num_problems distinct problems of the one "
                         "setting in --settings to FILE, as grpo_mini.py --data reads them, and stop (no model)")
     parser.add_argument("--num_problems", type=int, default=1200, help="rows for --write_jsonl")
