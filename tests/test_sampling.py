@@ -47,6 +47,21 @@ def test_greedy_sampling_equals_model_generate(tiny_model, tiny_tokenizer):
     assert torch.equal(ours, theirs)
 
 
+def test_last_position_only_gives_the_last_logits_from_a_contiguous_hidden_state(tiny_model, tiny_tokenizer):
+    # logits_to_keep=1 hands lm_head a strided view, which on a bf16 CPU costs a weight-sized copy per row
+    # (see last_position_only); our tensor of positions must hand it a contiguous one, with the same logits.
+    model = g.make_sampling_model(tiny_model, torch.bfloat16)
+    _, ids, mask = _prompts(tiny_tokenizer, 3)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, logits_to_keep=g.last_position_only(ids)).logits
+        full = model(input_ids=ids, attention_mask=mask).logits
+    assert ours.shape == (3, 1, full.size(-1))
+    assert torch.equal(ours[:, 0], full[:, -1])
+    assert seen[0] is True
+
+
 def test_every_row_draws_its_own_first_token(tiny_model, tiny_tokenizer):
     torch.manual_seed(0)
     _, ids, mask = _prompts(tiny_tokenizer, 1)
