@@ -799,7 +799,7 @@ def last_position_only(prompt_ids: torch.Tensor) -> torch.Tensor:
 
     PITFALL: the obvious `logits_to_keep=1` makes transformers project hidden[:, -1:, :], a strided 3-D view, and on
     the CPU in bf16, F.linear on such a view expands the [V, d] output weight to every row before a batched matmul
-    (torch 2.13, SmolLM2, 64 prompts: a 3.4 GB temporary and 4.4 s, against 0.02 s). A tensor of positions makes
+    (torch 2.13, SmolLM2, 64 prompts: a 3.4 GiB temporary and 4.4 s, against 0.02 s). A tensor of positions makes
     transformers gather the rows into a contiguous [U, 1, d] first. Same logits, bit for bit."""
     return torch.tensor([prompt_ids.size(1) - 1], device=prompt_ids.device)
 
