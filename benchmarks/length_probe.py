@@ -196,16 +196,15 @@ def signed_or_dash(value, digits: int) -> str:
 def table(results: dict, cfg: gm.Config, num_prompts: int, model: str) -> str:
     lines = [f"Samples: {num_prompts} prompts x G = {cfg.num_generations}, temperature "
              f"{cfg.temperature}, at most {cfg.max_completion_length} new tokens, seed {cfg.seed}, model {model}.",
-             "length_push = mean of A_i x |o_i| (> 0: GRPO's first steps lengthen answers; < 0: they shorten "
-             "them).", "",
-             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length "
-             "| length_push ± stderr |",
+             "length_push = mean of A_i x |o_i| (> 0: GRPO's first steps lengthen answers; < 0: they shorten them).",
+             "",
+             "| setting | accuracy | mean length | truncated | mixed groups | right - wrong length"
+             " | length_push ± stderr |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['mean_length']:.1f} | {r['truncated']:.2f} | "
                      f"{r['mixed_fraction']:.2f} | {signed_or_dash(r['right_minus_wrong'], 1)} | "
-                     f"{r['length_push']:+.2f} ± "
-                     f"{r['length_push_stderr']:.2f} |")
+                     f"{r['length_push']:+.2f} ± {r['length_push_stderr']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
