@@ -2017,6 +2017,13 @@ def init_distributed(cfg: Config) -> tuple:
         raise ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the number of processes "
                           f"({world}): each takes an equal share of the step's prompts")
     if not distributed():
+        # Pitfall: torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated when
+        # that module is first imported, and transformers imports it while loading a model. Imported after the
+        # group exists, those defaults hold the group, so destroy_process_group() cannot free it: its gloo worker
+        # threads outlive the Python code, and one that frees the last all-reduce's tensor while the interpreter
+        # shuts down aborts the process ("terminate called without an active exception"; about 1 run in 20 on
+        # 2 CPU cores). Imported first, the defaults are None.
+        import torch.distributed.nn  # noqa: F401
         use_nccl = cfg.device != "cpu" and torch.cuda.is_available()
         if use_nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,6 +1,7 @@
 """Scaling with the ecosystem (issue 15): LoRA through peft, TensorBoard logging, and the plot of one run."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -168,6 +169,18 @@ def test_torchrun_training_run_logs_once(tiny_model_dir, tmp_path, script, flags
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
     assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the threads through Linux's /proc")
+def test_torchrun_run_frees_its_process_group(tiny_model_dir, tmp_path):
+    from conftest import TINY_RUN_FLAGS
+
+    result = torchrun("tests/threads_after_run.py", "--model", tiny_model_dir, "--output_dir", tmp_path / "run",
+                      *TINY_RUN_FLAGS, "--num_generations", "4", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if " threads after the run: " in line]
+    assert len(reports) == 2  # one per rank
+    assert not any("gloo" in line for line in reports), reports  # destroy_process_group() freed the group
 
 
 def test_wandb_runs_offline_without_an_account(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
