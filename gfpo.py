@@ -42,6 +42,7 @@ BUILTIN_METRICS = ("token_efficiency", "shortest")
 
 @dataclass
 class GFPOConfig(Config):
+    """GFPO (gfpo.py): sample G', learn from the k best by a metric"""
     output_dir: str = "runs/gfpo"
     """where metrics.jsonl, config.json and the trained model go"""
     num_generations: int = 16

@@ -61,6 +61,7 @@ JUDGES = ("math", "exact", "nli")
 
 @dataclass
 class SeedConfig(Config):
+    """SEED-GRPO (seed_grpo.py): advantages scaled by semantic entropy"""
     output_dir: str = "runs/seed_grpo"
     """where metrics.jsonl, config.json and the trained model go"""
     scale_rewards: str = "group"

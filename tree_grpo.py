@@ -14,7 +14,7 @@ Tree-GRPO changes the rollout, and with it the advantage. A tree node is one who
 Rows that share a prefix each carry their own advantage, so a shared turn is pushed by every leaf below it: a turn
 after which most branches succeed is pushed up more than one after which most fail. That is the step-level
 signal, got from outcome rewards alone. Branching also saves tokens: a branch re-uses its prefix instead of
-generating it again, so M = 2 trees of 3 leaves (6 rows) cost between 4 and 5 chains here (measured: README).
+generating it again, so M = 2 trees of 3 leaves (6 rows) cost between 4 and 5 chains here (measured: docs/RESULTS.md).
 
 Tokens the environment wrote (the observations) are in every row, so that the model reads them, but are masked out
 of the loss: the policy is not trained to predict what the tool says.
@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 
 from grpo_mini import (Config, ConfigError, Rollout, completion_mask, eos_token_ids, group_advantages, main,
-                       sample_completions)
+                       sample_fn)
 
 # ======================================================================================================================
 # 1. Config: Tree-GRPO's four numbers, the episode limits, and defaults that fit a 15-minute CPU run
@@ -57,6 +57,7 @@ from grpo_mini import (Config, ConfigError, Rollout, completion_mask, eos_token_
 
 @dataclass
 class TreeConfig(Config):
+    """Tree-GRPO (tree_grpo.py): the trees, the tool task and its episodes"""
     output_dir: str = "runs/tree_grpo"
     """where metrics.jsonl, config.json and the trained model go"""
     tree: bool = True
@@ -70,7 +71,7 @@ class TreeConfig(Config):
     leaves_per_tree: int = 3
     """K: leaves sampled per tree as training rows (authors: 3); at most 1 + N x L"""
     num_generations: int = 5
-    """chains per prompt with --no-tree. Measured, four chains generate 0.80x the tokens of the M=2, N=2, L=1 trees and five chains 1.16x (README); 5 is the nearer. Ignored by the tree, whose rows per prompt are M x K"""
+    """chains per prompt with --no-tree. Measured, four chains generate 0.80x the tokens of the M=2, N=2, L=1 trees and five chains 1.16x (docs/RESULTS.md); 5 is the nearer. Ignored by the tree, whose rows per prompt are M x K"""
     max_turns: int = 4
     """turns per episode at most; an episode without an answer by then gets reward 0"""
     max_turn_tokens: int = 24
@@ -193,7 +194,7 @@ def parse_action(turn: str) -> tuple:
 
 def outcome_reward(quest: Quest, answer: Optional[str]) -> float:
     """1 for the right city (any capitalisation), else 0. No format credit: the untrained model already answers
-    in the format often enough (see the README), so none is needed."""
+    in the format often enough (see docs/RESULTS.md), so none is needed."""
     return float(answer is not None and answer.lower() == quest.answer.lower())
 
 
@@ -305,9 +306,9 @@ def run_episodes(sampler, fmt: EpisodeFormat, episodes: list, cfg: TreeConfig, d
             return
         contexts = [fmt.prompt_ids(e.quest) + [t for ids, _ in e.segments() for t in ids] for e in active]
         prompt_ids, prompt_mask = left_pad(contexts, tokenizer.pad_token_id, device)
-        ids, _ = sample_completions(sampler, prompt_ids, prompt_mask, repeats=1, max_new_tokens=cfg.max_turn_tokens,
-                                    eos_ids=eos, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                                    greedy=greedy)  # [n, T]
+        ids, _ = sample_fn(cfg)(sampler, prompt_ids, prompt_mask, repeats=1, max_new_tokens=cfg.max_turn_tokens,
+                                eos_ids=eos, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                                greedy=greedy)  # [n, T]
         mask, truncated = completion_mask(ids, eos)
         for e, row, row_mask, cut in zip(active, ids.tolist(), mask, truncated.tolist()):
             turn = row[:int(row_mask.sum())]

@@ -1,6 +1,6 @@
 """benchmarks/compare.py: GRPO, SEED-GRPO, GFPO-shortest and GFPO-token-efficiency, same model, task, seeds and steps.
 
-    python benchmarks/compare.py --seeds 0 1 2            # the README's Results: CPU preset, 3 seeds
+    python benchmarks/compare.py --seeds 0 1 2            # docs/RESULTS.md: CPU preset, 3 seeds
     python benchmarks/compare.py                          # one seed
     python benchmarks/compare.py --preset gpu --seeds 0 1 2
     python benchmarks/compare.py --set max_steps=2 num_eval_problems=4 --methods grpo gfpo_shortest   # quick look
@@ -24,7 +24,7 @@ How the methods are made comparable, as the GFPO paper compares them (arXiv 2508
       but pays for twice the sampling: the table's "tokens sampled / trained" column shows that cost;
     - the reward is the signed one (+1 / -1), the papers' range, with which token efficiency separates wrong
       answers by length. The CPU preset's task is the one-step arithmetic task, on which GRPO learns at this size;
-      the two-step task (`--set task=multistep`) is too hard for SmolLM2-135M (the README has the numbers).
+      the two-step task (`--set task=multistep`) is too hard for SmolLM2-135M (docs/RESULTS.md has the numbers).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """benchmarks/length_probe.py: which way will GRPO push the completion length on a task? Measured before training.
 
-    python benchmarks/length_probe.py                          # every setting below: the README's table (~18 min, CPU)
+    python benchmarks/length_probe.py                          # every setting below: docs/RESULTS.md's table (~18 min, CPU)
     python benchmarks/length_probe.py --settings arithmetic multistep
     python benchmarks/length_probe.py --model runs/grpo/model --settings arithmetic    # a trained model
     python benchmarks/length_probe.py --settings two_digit_product --write_jsonl product.jsonl --seed 1234
@@ -21,7 +21,7 @@ It is > 0 when the first steps will lengthen answers and < 0 when they will shor
 all right or all wrong (A = 0), so a task that is far too hard or too easy gives no push either way; the table also
 shows the fraction of groups that are mixed, and the mean length gap (right minus wrong) inside them.
 
-What you should see (measured; the table is in the README and benchmarks/results/length_probe_cpu.md): with
+What you should see (measured; the table is in docs/RESULTS.md and benchmarks/results/length_probe_cpu.md): with
 SmolLM2-135M-Instruct, the settings where the model gets a useful share right (arithmetic: 19% of samples) have the
 right answers SHORTER than the wrong ones and length_push clearly negative (-4.0 ± 1.1). The harder settings give
 small positive pushes, each within about one standard error of zero, from 2-7% right. Long answers at this size are
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=SETTINGS, metavar="FAMILY[+VARIANT]",
                         help=f"families: {', '.join(FAMILIES)}; variants: {', '.join(VARIANTS)} (default: all "
-                             f"{len(SETTINGS)} of the README's table)")
+                             f"{len(SETTINGS)} of docs/RESULTS.md's table)")
     parser.add_argument("--model", default=gm.DEFAULT_MODEL, help="as grpo_mini.py --model (default: SmolLM2-135M)")
     parser.add_argument("--prompts", type=int, default=32, help="problems per setting")
     parser.add_argument("--num_generations", type=int, default=8, help="completions per prompt, the group size G")

@@ -1,7 +1,7 @@
 """benchmarks/step_time.py: one GRPO step, phase by phase, for grpo_mini and (when installed) TRL's GRPOTrainer.
 
     python benchmarks/step_time.py                            # tiny random model and SmolLM2-135M, beta 0 and 0.04
-    python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 2    # the README's table
+    python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 2    # docs/PERFORMANCE.md's table
     python benchmarks/step_time.py --models qwen2.5-0.5b-random --device cuda    # on a GPU
 
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length

@@ -17,6 +17,8 @@ import torch
 
 import gfpo
 import grpo_mini as g
+import harness
+import tasks
 from conftest import ROOT, TINY_RUN_FLAGS, run_script
 
 TINY = dict(max_steps=4, prompts_per_step=2, num_generations=4, max_completion_length=8, num_train_problems=20,
@@ -171,11 +173,11 @@ def test_ctrl_c_during_the_exit_save_still_leaves_a_whole_model(tiny_model_dir, 
         os.kill(os.getpid(), signal.SIGINT)
         real_save(model, tokenizer, directory)
 
-    monkeypatch.setattr(g, "save_model", save_and_get_interrupted)
+    monkeypatch.setattr(harness, "save_model", save_and_get_interrupted)
     out = tmp_path / "run"
     summary = g.train(g.Config(model=str(tiny_model_dir), output_dir=str(out), **TINY), reward_fn=stop_in_step(3))
     assert summary["interrupted"] and checkpoint_step(out) == 2
-    monkeypatch.setattr(g, "save_model", real_save)
+    monkeypatch.setattr(harness, "save_model", real_save)
     for directory in (out / "model", out / "checkpoint" / "model"):
         g.load_model_and_tokenizer(str(directory))
     assert not (out / "model.tmp").exists() and not (out / "checkpoint.tmp").exists()
@@ -264,8 +266,8 @@ def test_data_file_bytes_bom_and_single_read(tiny_model_dir, tmp_path, monkeypat
         json.dumps({"prompt": f"{i}+1?", "answer": i + 1}).encode() + b"\n" for i in range(6)))
     assert len(g.load_jsonl_problems(str(data))) == 6  # a BOM (as Windows editors write it) is fine
     reads = []
-    real = g.load_jsonl_problems
-    monkeypatch.setattr(g, "load_jsonl_problems", lambda path: reads.append(path) or real(path))
+    real = tasks.load_jsonl_problems
+    monkeypatch.setattr(tasks, "load_jsonl_problems", lambda path: reads.append(path) or real(path))
     g.train(g.Config(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"),
                      **{**TINY, "max_steps": 0, "save_model": False}))
     assert reads == [str(data)]  # read once

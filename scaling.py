@@ -1,0 +1,202 @@
+"""scaling.py: long runs, several GPUs and bigger models. None of it changes what a GRPO step computes.
+
+    dashboards   --report_to tensorboard | wandb: every number of every metrics.jsonl record, under the same key
+    torchrun     data parallelism over K processes whose summed gradient is the single-process gradient of the
+                 whole step (the normalisers are summed first); only rank 0 writes, prints, evaluates and saves
+    LoRA         --lora_r: low-rank adapters through peft; the KL term's reference is the model with them off
+harness.Run calls the first two; grpo_step calls step_totals and sum_gradients_over_ranks (no-ops in one process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# ======================================================================================================================
+# 1. Dashboards: TensorBoard and wandb (every number of a metrics.jsonl record, under its key, at its step)
+# ======================================================================================================================
+
+
+def scalars(record: dict) -> dict:
+    """The plottable numbers of a record: ints and floats, not booleans, not None, not the step itself."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardReporter:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """wandb, offline unless you are logged in (WANDB_API_KEY set, or `wandb login` done), so that it works without an
+    account; WANDB_MODE overrides. An offline run is uploaded later with `wandb sync OUTPUT_DIR/wandb/offline-run-*`."""
+
+    def __init__(self, cfg, out_dir: Path):
+        import wandb
+
+        netrc = Path.home() / ".netrc"  # where `wandb login` keeps the key
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+            netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+        self.run = wandb.init(project="grpo-mini", name=out_dir.name, dir=str(out_dir), mode=mode,
+                              config=dataclasses.asdict(cfg), resume="allow" if cfg.resume else None)
+
+    def log(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(cfg, out_dir: Path):
+    if cfg.report_to == "tensorboard":
+        return TensorBoardReporter(out_dir / "tensorboard")
+    if cfg.report_to == "wandb":
+        return WandbReporter(cfg, out_dir)
+    return None
+
+
+# ======================================================================================================================
+# 2. Several GPUs with torchrun:   torchrun --nproc_per_node K grpo_mini.py ...   (NCCL on GPUs; gloo on CPUs)
+# ======================================================================================================================
+# Data parallelism: every rank holds the whole model. Each step's prompts are split across the K ranks (rank r takes
+# prompts r, r + K, ...), each rank samples and scores its share, and the gradients are summed over ranks before the
+# optimiser step, which then runs identically everywhere, so the weights stay equal. For the sum to be the
+# single-process gradient, the loss's normalisers must be the step's: dapo's token count and grpo / dr_grpo's row
+# count are summed over ranks first (step_totals). bnpo's is per micro-batch, so it is exact only within a process.
+# Advantages stay per rank: GRPO's groups live on one rank, so group scaling is exact; --scale_rewards batch uses the
+# rank's share as the batch, and SEED-GRPO and GFPO (per-prompt advantages; GFPO's difficulty record) are rank-local.
+# Deliberately NOT torch's DistributedDataParallel wrapper: DDP's hooks assume one forward per backward and the same
+# number of backward calls on every rank, but a step here runs two forwards per micro-batch (the shared prompt, then
+# the completions) and skips rows whose advantage is 0, so ranks can differ in micro-batches. Summing the gradients
+# once per step with all_reduce is the same collective DDP would run, with nothing to go out of step.
+# Resume under torchrun continues correctly but not bit-exactly: the checkpoint holds rank 0's RNG state only.
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(cfg) -> tuple:
+    """(rank, world size). Starts the process group when torchrun launched us with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not distributed():
+        # PITFALL: torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated when
+        # that module is first imported, and transformers imports it while loading a model. Imported after the
+        # group exists, those defaults hold the group, so destroy_process_group() cannot free it: its gloo worker
+        # threads outlive the Python code, and one that frees the last all-reduce's tensor while the interpreter
+        # shuts down aborts the process ("terminate called without an active exception"). Imported first, the
+        # defaults are None.
+        import torch.distributed.nn  # noqa: F401
+        use_nccl = cfg.device != "cpu" and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, each process gets its own GPU (LOCAL_RANK); otherwise the device as chosen."""
+    if distributed() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def all_reduce_sum(values: list, device: torch.device) -> list:
+    """Sum a few numbers over all ranks (one collective)."""
+    backend_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=backend_device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def step_totals(ro, rows: list, device: torch.device) -> tuple:
+    """(counts, has_gradient) for grpo_step: counts = (rows, completion tokens) of the whole step over every rank, or
+    None in one process (the rollout's own); has_gradient: whether any rank trains any row."""
+    if not distributed():
+        return None, bool(rows)
+    n_rows, n_tokens, ranks_with_rows = all_reduce_sum([ro.completion_ids.size(0), ro.completion_mask.sum().item(),
+                                                        float(bool(rows))], device)
+    return (n_rows, n_tokens), ranks_with_rows > 0
+
+
+def sum_gradients_over_ranks(model, stats: Optional[dict], device: torch.device) -> Optional[dict]:
+    """After every rank has accumulated its share: skip the step everywhere if any rank's loss was not finite,
+    else sum every gradient over the ranks. A no-op in one process."""
+    if not distributed():
+        return stats
+    if all_reduce_sum([float(stats is None)], device)[0] > 0:
+        model.zero_grad(set_to_none=True)
+        return None
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:  # a rank that trained no row still takes part
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
+    return stats
+
+
+def mean_record_over_ranks(record: dict, device: torch.device) -> dict:
+    """The step's logged numbers over all ranks: tokens summed, everything else averaged (None stays None)."""
+    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and k != "step")
+    totals = all_reduce_sum([record[k] for k in keys], device)
+    world = torch.distributed.get_world_size()
+    return {**record, **{k: t if k.startswith("tokens") else t / world for k, t in zip(keys, totals)}}
+
+
+# ======================================================================================================================
+# 3. LoRA through peft
+# ======================================================================================================================
+# LoRA trains a low-rank update B @ A next to each chosen weight and freezes the weight itself. GRPO is unchanged.
+# As in TRL, the reference model of the KL term is the same model with its adapters switched off (AdaptersOff: at
+# the start of training that is exactly the policy, with no second copy of the weights), and saving writes the
+# merged model (loadable with --model) and the adapter alone.
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def add_lora(model, cfg):
+    """Wrap the model with LoRA adapters (peft); only they require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else [
+        name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
+    try:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    except ValueError as err:  # e.g. a module name the model does not have
+        from harness import ConfigError  # imported here: harness imports this module
+
+        raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules}: {str(err).splitlines()[0]}") from None
+
+
+class AdaptersOff:
+    """The reference model for LoRA runs: calls the wrapped model with its adapters disabled."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)

@@ -1,0 +1,261 @@
+"""tasks.py: the built-in tasks of grpo_mini.py. A verifiable reward needs problems with known answers.
+
+    arithmetic   one +, -, x or / step in a word problem (the default)
+    multistep    two + or - steps, to be worked out in writing
+    --data FILE  any JSONL file of {"prompt": ..., "answer": ...} rows, read strictly (errors name file:line)
+The problems are generated from a seed, so nothing is downloaded and the train / held-out split is reproducible,
+with no prompt in both. extract_final_number reads the answer a completion commits to: grpo_mini.py's rewards are
+built on it. PromptOrder draws the training problems, reshuffled every epoch. checked_rewards runs a reward
+function and turns any misuse into a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import traceback
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+from harness import ConfigError
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar"]
+ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies", "cards"]
+INSTRUCTION = "Give the final answer as a single number at the end."
+
+
+@dataclass
+class Problem:
+    prompt: str
+    """the question shown to the model (before the chat template)"""
+    answer: float
+    """the correct final number"""
+
+
+def make_arithmetic_problem(rng: random.Random) -> Problem:
+    """One word problem with a single +, -, x or / step and a whole-number answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choice(["add", "sub", "mul", "div"])
+    if kind == "add":
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        text, answer = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    elif kind == "sub":
+        a = rng.randint(10, 40)
+        b = rng.randint(2, a - 1)
+        text, answer = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
+    elif kind == "mul":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        text, answer = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that in total?", a * b
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        text = f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
+        answer = a
+    return Problem(prompt=text, answer=float(answer))
+
+
+def make_multistep_problem(rng: random.Random) -> Problem:
+    """A two-step word problem: a starting amount, then two of "finds d more" (+d) or "gives away c" (-c).
+
+    Two steps are hard to do in one's head for a 135M model, so writing out the running total can help. This is the
+    task on which we look for GRPO's answers growing longer. Every intermediate total stays positive. Example
+    (make_multistep_problem(random.Random(0)), tested):
+        "Grace has 5 cookies. Then Grace gives away 4 cookies. Then Grace finds 6 more cookies. How many cookies
+         does Grace have now? Work it out step by step."  ->  5 - 4 + 6 = 7
+    """
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(5, 15)
+    sentences = [f"{name} has {total} {item}."]
+    for _ in range(2):
+        if rng.random() < 0.5 and total > 3:
+            c = rng.randint(2, min(total - 1, 9))
+            sentences.append(f"Then {name} gives away {c} {item}.")
+            total -= c
+        else:
+            d = rng.randint(2, 9)
+            sentences.append(f"Then {name} finds {d} more {item}.")
+            total += d
+    sentences.append(f"How many {item} does {name} have now? Work it out step by step.")
+    return Problem(prompt=" ".join(sentences), answer=float(total))
+
+
+TASK_GENERATORS = {"arithmetic": make_arithmetic_problem, "multistep": make_multistep_problem}
+
+
+def distinct_problems(make_problem: Callable, count: int, rng: random.Random,
+                      flag: str = "--num_eval_problems") -> list[Problem]:
+    """`count` generated problems with distinct prompts, in the order rng draws them. A task that runs out of
+    distinct prompts raises a ConfigError naming `flag` (the flag that asked for `count`) instead of hanging."""
+    problems: dict[str, Problem] = {}
+    misses = 0  # draws in a row that found no new prompt
+    while len(problems) < count:
+        p = make_problem(rng)
+        misses = misses + 1 if p.prompt in problems else 0
+        problems.setdefault(p.prompt, p)
+        if misses > 2000:  # the task has (nearly) run out of distinct prompts: stop, don't hang
+            raise ConfigError(f"{flag} {count}: the task gave only {len(problems)} distinct prompts; ask for fewer")
+    return list(problems.values())
+
+
+def make_arithmetic_split(seed: int, num_train: int, num_eval: int,
+                          make_problem: Callable = make_arithmetic_problem) -> tuple[list[Problem], list[Problem]]:
+    """Seeded train/eval split of generated problems, with no prompt shared between the two."""
+    rng = random.Random(seed)
+    eval_set = {p.prompt: p for p in distinct_problems(make_problem, num_eval, rng)}
+    train: list[Problem] = []
+    while len(train) < num_train:
+        p = make_problem(rng)
+        if p.prompt not in eval_set:
+            train.append(p)
+    return train, list(eval_set.values())
+
+
+def load_jsonl_problems(path: str) -> list[Problem]:
+    """Read {"prompt": str, "answer": number-or-text} rows (e.g. GSM8K, whose answers end in "#### 72"): a text
+    answer is read by extract_final_number. Every line is checked; errors name the file and the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--data {path}: no such file")
+    rows = []
+    with file.open("rb") as handle:  # bytes, decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw_line in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")  # -sig: a leading BOM is fine
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where}: not UTF-8 (byte 0x{raw_line[err.start]:02x} at column {err.start + 1})"
+                                  ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+                raise ConfigError(f'{where}: expected an object with a string "prompt" and an "answer"')
+            raw = row["answer"]
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # a JSON number: take it as it is
+                answer = float(raw) if math.isfinite(raw) else None      # (str(1e-05) would read as -5)
+            else:
+                answer = extract_final_number(str(raw))
+            if answer is None:
+                raise ConfigError(f'{where}: "answer" has no number in it ({row["answer"]!r})')
+            rows.append(Problem(prompt=row["prompt"], answer=answer))
+    if len(rows) < 2:
+        raise ConfigError(f"--data {path}: needs at least 2 rows (found {len(rows)})")
+    return rows
+
+
+def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Seeded shuffle, then hold out num_eval rows (at most a fifth of the file, at least one) for evaluation."""
+    shuffled = problems[:]
+    random.Random(seed).shuffle(shuffled)
+    n_eval = max(1, min(num_eval, len(shuffled) // 5))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+# A number: an optional minus sign (only where it cannot be a subtraction or a range, i.e. not right after a letter,
+# digit or closing bracket: "10-15" is 15, "x = -5" is -5), digits with thousands separators, decimals, "/ n".
+_NUMBER = r"(?:(?<![\w)\]])-)?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_BOXED = r"\\boxed\{([^{}]*)\}"
+
+
+def _to_float(text: str) -> Optional[float]:
+    text = text.replace(",", "").replace(" ", "")
+    try:
+        value = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError, OverflowError):  # OverflowError: a fraction too large for a float
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _normalise_maths(text: str) -> str:
+    """Unicode minus (U+2212) -> "-", and LaTeX \\frac{a}{b} / \\dfrac{a}{b} -> "a/b": forms the number regex reads."""
+    text = text.replace("\u2212", "-")
+    return re.sub(r"\\d?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}", r"\1/\2", text)
+
+
+def extract_final_number(text: str) -> Optional[float]:
+    """The answer a completion commits to: the content of the last \\boxed{...} if any, else the last number.
+
+    Never raises; returns None when there is no number. Thousands separators and simple fractions are understood:
+        extract_final_number("3 + 4 = 7. So 7 apples.") == 7.0
+        extract_final_number("The answer is \\boxed{1,234}") == 1234.0
+        extract_final_number("3/4 of them") == 0.75
+        extract_final_number("\\boxed{\\frac{3}{4}}") == 0.75;  extract_final_number("\u22125") == -5.0
+        extract_final_number("between 10-15") == 15.0   (a range or a subtraction, not -15)
+        extract_final_number("no idea") is None
+    """
+    if not isinstance(text, str):
+        return None
+    text = _normalise_maths(text)
+    boxed = re.findall(_BOXED, text)
+    if boxed:
+        inner = re.findall(_NUMBER, boxed[-1])
+        if inner:
+            return _to_float(inner[-1])
+    numbers = re.findall(_NUMBER, text)
+    return _to_float(numbers[-1]) if numbers else None
+
+
+def final_answer_text(text: str) -> Optional[str]:
+    """The answer a completion commits to, as TEXT: the content of the last \\boxed{...}, else the last number as
+    written. None when there is neither. (extract_final_number turns the same answer into a float.)
+        final_answer_text("so 3 + 4 = 7.0") == "7.0";  final_answer_text("\\boxed{ 12 }") == "12"
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = re.findall(_BOXED, text)
+    if boxed and boxed[-1].strip():
+        return boxed[-1].strip()
+    numbers = re.findall(_NUMBER, text)
+    return numbers[-1] if numbers else None
+
+
+class RewardError(ConfigError):
+    """A reward function that raised or returned something unusable. It can only show up mid-run, so train() saves
+    first; the CLI then prints it as one line, like any other bad input."""
+
+
+def checked_rewards(reward_fn: Callable, completions: list, answers: list) -> list:
+    """reward_fn(completions, answers), checked: one real number per completion (NaN is allowed: the step is then
+    skipped as non-finite). Anything else raises RewardError naming the cause and where it came from."""
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    try:
+        values = reward_fn(completions, answers)
+    except Exception as err:  # noqa: BLE001 - a user's function can raise anything; name it and where it happened
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise RewardError(f"reward function {name} raised {type(err).__name__}: {err} "
+                          f"({Path(frame.filename).name}:{frame.lineno})") from err
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise RewardError(f"reward function {name} must return a list of numbers, one per completion "
+                          f"(got {str(values)[:80]!r})") from None
+    if len(values) != len(completions):
+        raise RewardError(f"reward function {name} returned {len(values)} values for {len(completions)} "
+                          f"completions; it must return one per completion")
+    return values
+
+
+class PromptOrder:
+    """The training problems in a seeded order, reshuffled every epoch. Its state goes into checkpoints."""
+
+    def __init__(self, problems: list, seed: int):
+        self.problems, self.rng, self.queue = problems, random.Random(seed), []  # the queue is drawn from its end
+
+    def draw(self, n: int) -> list:
+        """The next n training problems."""
+        while len(self.queue) < n:
+            self.queue[:0] = self.rng.sample(range(len(self.problems)), len(self.problems))
+        return [self.problems[self.queue.pop()] for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.queue), "order_rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue[:] = state["order"]
+        self.rng.setstate(state["order_rng"])
