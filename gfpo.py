@@ -211,8 +211,13 @@ def gfpo_advantage_fn(cfg: GFPOConfig):
     def advantages(ro: Rollout):
         G = ro.num_generations
         rewards, lengths = ro.rewards.view(-1, G), ro.lengths.view(-1, G)  # [B, G']
-        scores = torch.stack([metric(rewards[b], lengths[b], ro.completions[b * G:(b + 1) * G])
-                              for b in range(rewards.size(0))])  # [B, G']
+        scores = [metric(rewards[b], lengths[b], ro.completions[b * G:(b + 1) * G]) for b in range(rewards.size(0))]
+        shapes = [tuple(getattr(s, "shape", ())) for s in scores]
+        if any(shape != (G,) for shape in shapes):  # a user's metric that goes wrong mid-run: one line, after a save
+            raise ConfigError(f"--filter_metric {metric_name(cfg)}: returned scores of shape "
+                              f"{next(s for s in shapes if s != (G,))} for a group of {G}; it must return one score "
+                              f"per completion")
+        scores = torch.stack(scores)  # [B, G']
         if cfg.adaptive:
             ks = record.step_ks(rewards.mean(dim=1).tolist())
         else:

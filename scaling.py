@@ -1,23 +1,102 @@
 """scaling.py: long runs, several GPUs and bigger models. None of it changes what a GRPO step computes.
 
+    metrics      OUTPUT_DIR/metrics.jsonl, a record per step and per evaluation, and the line printed per step
     dashboards   --report_to tensorboard | wandb: every number of every metrics.jsonl record, under the same key
     torchrun     data parallelism over K processes whose summed gradient is the single-process gradient of the
                  whole step (the normalisers are summed first); only rank 0 writes, prints, evaluates and saves
     LoRA         --lora_r: low-rank adapters through peft; the KL term's reference is the model with them off
-harness.Run calls the first two; grpo_step calls step_totals and sum_gradients_over_ranks (no-ops in one process).
+harness.Run calls the first three; grpo_step calls step_totals and sum_gradients_over_ranks (no-ops in one process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 # ======================================================================================================================
-# 1. Dashboards: TensorBoard and wandb (every number of a metrics.jsonl record, under its key, at its step)
+# 1. metrics.jsonl: one record per step and per evaluation, and the printed line
+# ======================================================================================================================
+
+
+def say(message: str = "", file=None) -> None:
+    """print(), flushed, that never raises. A closed or broken stdout (`| head`, a `| tee` killed with its process
+    group) must not stop a save on the way out."""
+    try:
+        print(message, file=file or sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class MetricsLog:
+    """Prints one line per step with fixed keys and appends the same record to OUTPUT_DIR/metrics.jsonl."""
+
+    STEP_KEYS = [("reward", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("zero_std_frac", "zero_std", "{:.2f}"),
+                 ("completion_len", "len", "{:.1f}"), ("truncated_frac", "trunc", "{:.2f}"), ("kl", "kl", "{:.4f}"),
+                 ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
+                 ("tokens_per_s", "tok/s", "{:.0f}")]
+
+    def __init__(self, output_dir: Path, extra_keys=(), resume_step: Optional[int] = None, reporter=None):
+        """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
+        killed after its last checkpoint may have logged steps that the resumed run will redo). reporter: a
+        TensorBoard or wandb logger that gets every record too, or None."""
+        self.reporter = reporter
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line_no, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+                try:
+                    if line.strip() and json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError) as err:
+                    from harness import ConfigError  # imported here: harness imports this module
+
+                    raise ConfigError(f"--resume: {self.path}:{line_no} is not a metrics record "
+                                      f"({type(err).__name__}); delete that line, then --resume again") from None
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.keys = list(self.STEP_KEYS) + list(extra_keys)
+
+    def write(self, record: dict) -> None:
+        # NaN and inf are not JSON: write them as null, so that every line parses with a strict reader
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def step(self, record: dict) -> None:
+        self.write(record)
+        parts = [f"step {record['step']:>4}"]
+        for key, short, fmt in self.keys:
+            value = record.get(key)
+            parts.append(f"{short} " + ("-" if value is None else fmt.format(value)))
+        say(" | ".join(parts))
+
+
+class SilentLog:
+    """What ranks other than 0 log to: nothing."""
+    path = None
+
+    def write(self, record: dict) -> None:
+        pass
+
+    step = write
+    close = lambda self: None  # noqa: E731
+
+
+# ======================================================================================================================
+# 2. Dashboards: TensorBoard and wandb (every number of a metrics.jsonl record, under its key, at its step)
 # ======================================================================================================================
 
 
@@ -72,7 +151,7 @@ def make_reporter(cfg, out_dir: Path):
 
 
 # ======================================================================================================================
-# 2. Several GPUs with torchrun:   torchrun --nproc_per_node K grpo_mini.py ...   (NCCL on GPUs; gloo on CPUs)
+# 3. Several GPUs with torchrun:   torchrun --nproc_per_node K grpo_mini.py ...   (NCCL on GPUs; gloo on CPUs)
 # ======================================================================================================================
 # Data parallelism: every rank holds the whole model. Each step's prompts are split across the K ranks (rank r takes
 # prompts r, r + K, ...), each rank samples and scores its share, and the gradients are summed over ranks before the
@@ -163,7 +242,7 @@ def mean_record_over_ranks(record: dict, device: torch.device) -> dict:
 
 
 # ======================================================================================================================
-# 3. LoRA through peft
+# 4. LoRA through peft
 # ======================================================================================================================
 # LoRA trains a low-rank update B @ A next to each chosen weight and freezes the weight itself. GRPO is unchanged.
 # As in TRL, the reference model of the KL term is the same model with its adapters switched off (AdaptersOff: at

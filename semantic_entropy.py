@@ -123,8 +123,8 @@ def nli_label_indices(id2label: dict, model_name: str = "the NLI model") -> dict
             if str(label).lower().startswith(prefix):
                 found[name] = int(index)
     if set(found) != set(wanted):
-        raise ValueError(f"{model_name}: cannot map its labels {dict(id2label or {})} to entailment / neutral / "
-                         "contradiction; use an NLI checkpoint whose config.id2label names them")
+        raise ConfigError(f"--nli-model {model_name}: cannot map its labels {dict(id2label or {})} to entailment / "
+                          "neutral / contradiction; use an NLI checkpoint whose config.id2label names them")
     return found
 
 
@@ -321,7 +321,10 @@ def main(argv: Optional[list] = None) -> int:
         ids = judge.cluster(args.responses, context)
         likelihoods = None
         if args.lm:
-            lm, tokenizer = load_model_and_tokenizer(args.lm)
+            try:
+                lm, tokenizer = load_model_and_tokenizer(args.lm)
+            except ConfigError as err:  # the loader names --model, its flag in the training scripts
+                raise ConfigError(str(err).replace("--model", "--lm", 1)) from None
             likelihoods = sequence_log_likelihoods(lm, tokenizer, args.question, args.responses, args.device)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -34,6 +34,8 @@ class Problem:
     """the question shown to the model (before the chat template)"""
     answer: float
     """the correct final number"""
+    source: str = ""
+    """where a --data row came from, "file:line" (empty for generated problems), for one-line errors"""
 
 
 def make_arithmetic_problem(rng: random.Random) -> Problem:
@@ -143,18 +145,37 @@ def load_jsonl_problems(path: str) -> list[Problem]:
                 answer = extract_final_number(str(raw))
             if answer is None:
                 raise ConfigError(f'{where}: "answer" has no number in it ({row["answer"]!r})')
-            rows.append(Problem(prompt=row["prompt"], answer=answer))
+            rows.append(Problem(prompt=row["prompt"], answer=answer, source=where))
     if len(rows) < 2:
         raise ConfigError(f"--data {path}: needs at least 2 rows (found {len(rows)})")
     return rows
 
 
 def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Seeded shuffle, then hold out num_eval rows (at most a fifth of the file, at least one) for evaluation."""
+    """Seeded shuffle, then hold out the first num_eval distinct prompts (at most a fifth of them, at least one) for
+    evaluation. A prompt that appears more than once stays on one side: its repeats never leak into training.
+        rows q1 q2 q2 q3 q4 (shuffled), num_eval 1  ->  held out [q1], train [q2, q2, q3, q4]"""
     shuffled = problems[:]
     random.Random(seed).shuffle(shuffled)
-    n_eval = max(1, min(num_eval, len(shuffled) // 5))
-    return shuffled[n_eval:], shuffled[:n_eval]
+    first_row: dict[str, Problem] = {}  # each distinct prompt's first row, in shuffled order
+    for p in shuffled:
+        first_row.setdefault(p.prompt, p)
+    evaluation = list(first_row.values())[:max(1, min(num_eval, len(first_row) // 5))]
+    held_out = {p.prompt for p in evaluation}
+    train = [p for p in shuffled if p.prompt not in held_out]
+    if not train:
+        raise ConfigError(f"--data: {len(first_row)} distinct prompt(s); after holding one out for evaluation, none is "
+                          f"left to train on")
+    return train, evaluation
+
+
+def check_prompt_lengths(problems: list, count_tokens: Callable[[str], int], limit: int) -> None:
+    """One line naming file:line for the first --data prompt longer than `limit` tokens (the model's context less
+    --max_completion_length), instead of an allocation that fails at step 1. Generated problems are short."""
+    for p in problems:
+        if getattr(p, "source", "") and count_tokens(p.prompt) > limit:
+            raise ConfigError(f"{p.source}: the prompt has {count_tokens(p.prompt)} tokens, more than the {limit} "
+                              f"the model's context leaves beside --max_completion_length; shorten or drop it")
 
 
 # A number: an optional minus sign (only where it cannot be a subtraction or a range, i.e. not right after a letter,

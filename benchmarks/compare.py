@@ -30,6 +30,7 @@ How the methods are made comparable, as the GFPO paper compares them (arXiv 2508
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -210,6 +211,28 @@ def parse_overrides(pairs: list) -> dict:
     return settings
 
 
+def check_before_running(methods: list, settings: dict, out_dir: Path, overwrite: bool) -> None:
+    """One line, before any run starts: a --set key that is not a flag of a chosen method's script, or earlier
+    results in --output_dir that this run would replace (without --overwrite)."""
+    import gfpo
+    import grpo_mini
+    import seed_grpo
+    import tree_grpo
+
+    configs = {"grpo_mini.py": grpo_mini.Config, "seed_grpo.py": seed_grpo.SeedConfig, "gfpo.py": gfpo.GFPOConfig,
+               "tree_grpo.py": tree_grpo.TreeConfig}
+    for method in methods:
+        script = METHODS[method][0]
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(configs[script])})
+        if unknown:
+            raise SystemExit(f"error: --set {unknown[0]}: not a flag of {script} (method {method}); "
+                             f"`python {script} --help` lists them")
+    earlier = [name for name in ("results.md", "summary.json") if (out_dir / name).exists()]
+    if earlier and not overwrite:
+        raise SystemExit(f"error: --output_dir {out_dir} already holds results ({', '.join(earlier)}): pass "
+                         f"--overwrite to replace them, or choose another --output_dir")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -218,9 +241,11 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a setting for every method, e.g. max_steps=2 model=DIR")
     parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output_dir")
     args = parser.parse_args()
     settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
     out_dir = Path(args.output_dir)
+    check_before_running(args.methods, settings, out_dir, args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {m: [run_method(m, seed, settings, out_dir) for seed in args.seeds] for m in args.methods}
     summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}

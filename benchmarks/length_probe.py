@@ -30,7 +30,7 @@ mostly rambling that ends on a wrong number, so where GRPO learns, it shortens t
 The settings: the two built-in tasks (grpo_mini --task), five more word-problem families written for this search,
 and two changes of instruction: "brief" asks for the number alone (so that writing out the working would be a
 lengthening), "example" shows one worked example first (so that the working is a form the model can copy). The
-candidate families live here, not in grpo_mini.py, because none of them gave the lengthening regime.
+candidate families live here, not in tasks.py, because none of them gave the lengthening regime.
 """
 
 from __future__ import annotations

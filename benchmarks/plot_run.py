@@ -34,9 +34,14 @@ def read_records(run_dir: Path) -> list:
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise SystemExit(f"error: {path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise SystemExit(f'error: {path}:{line_no}: not a metrics record (no "step")')
+            records.append(record)
+    if not any("reward" in r for r in records):
+        raise SystemExit(f"error: {path}: no training step logged yet, so there is nothing to plot")
     return records
 
 

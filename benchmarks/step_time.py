@@ -7,7 +7,7 @@
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
 (64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
 temperature, top_k/top_p, loss_type (dapo) and beta. On the CPU the process first calls
-grpo_mini.keep_freed_memory, as train() does; the setting is process-wide, so TRL's blocks get it too
+engine.keep_freed_memory, as train() does; the setting is process-wide, so TRL's blocks get it too
 (--no-keep-freed-memory turns it off). The reward is dense (the completion's length in characters), so groups
 almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not help here, and the
 numbers measure raw step efficiency. The implementations run in alternating blocks in this one process:
@@ -318,7 +318,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
     parser.add_argument("--no-keep-freed-memory", action="store_true",
-                        help="leave glibc's allocator at its defaults (grpo_mini.keep_freed_memory is process-wide, "
+                        help="leave glibc's allocator at its defaults (engine.keep_freed_memory is process-wide, "
                              "so by default it applies to every implementation here, TRL included)")
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()

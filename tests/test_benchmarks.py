@@ -30,3 +30,17 @@ def test_phase_flops_counts_useful_work():
     # 100 parameters, 10 distinct prompt tokens + 30 completion tokens = 40 tokens: 2*100*40, 0 (no KL), 6*100*40
     assert phase_flops(100, 10, 30, beta=0.0) == {"generate_s": 8000, "ref_old_logps_s": 0.0, "loss_backward_s": 24000}
     assert phase_flops(100, 10, 30, beta=0.04)["ref_old_logps_s"] == 8000
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no training step logged yet"),
+    ('{"step": 0, "eval_accuracy": 0.5, "eval_completion_len": 3}\n', "no training step logged yet"),
+    ("{garbage\n", "metrics.jsonl:1: not valid JSON"),
+    ('{"reward": 1}\n', 'metrics.jsonl:1: not a metrics record (no "step")'),
+    ("[1, 2]\n", 'metrics.jsonl:1: not a metrics record (no "step")'),
+])
+def test_plot_run_on_an_unplottable_metrics_file_is_one_line(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    result = run_script("benchmarks/plot_run.py", tmp_path, timeout=120)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and not (tmp_path / "metrics.png").exists()

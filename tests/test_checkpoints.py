@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gfpo
+import engine
 import grpo_mini as g
 import harness
 import tasks
@@ -173,11 +174,11 @@ def test_ctrl_c_during_the_exit_save_still_leaves_a_whole_model(tiny_model_dir, 
         os.kill(os.getpid(), signal.SIGINT)
         real_save(model, tokenizer, directory)
 
-    monkeypatch.setattr(harness, "save_model", save_and_get_interrupted)
+    monkeypatch.setattr(engine, "save_model", save_and_get_interrupted)
     out = tmp_path / "run"
     summary = g.train(g.Config(model=str(tiny_model_dir), output_dir=str(out), **TINY), reward_fn=stop_in_step(3))
     assert summary["interrupted"] and checkpoint_step(out) == 2
-    monkeypatch.setattr(harness, "save_model", real_save)
+    monkeypatch.setattr(engine, "save_model", real_save)
     for directory in (out / "model", out / "checkpoint" / "model"):
         g.load_model_and_tokenizer(str(directory))
     assert not (out / "model.tmp").exists() and not (out / "checkpoint.tmp").exists()

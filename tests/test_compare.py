@@ -59,3 +59,16 @@ def test_set_overrides_become_flags_booleans_included():
 
     cfg = g.parse_config(argv=flags)
     assert cfg.dynamic_sampling and cfg.baseline == "leave_one_out" and not cfg.save_model
+
+
+def test_unknown_set_keys_and_earlier_results_are_one_line_before_any_run(tmp_path):
+    out = tmp_path / "compare"
+    result = run_script("benchmarks/compare.py", "--output_dir", out, "--set", "unknownkey=1", timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: --set unknownkey: not a flag of grpo_mini.py (method grpo); `python grpo_mini.py --help` lists them"]
+    assert not (out / "grpo_seed0.log").exists()  # nothing ran
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("an earlier comparison")
+    result = run_script("benchmarks/compare.py", "--output_dir", out, timeout=120)
+    assert result.returncode == 1 and "already holds results (results.md): pass --overwrite" in result.stderr
+    assert (out / "results.md").read_text() == "an earlier comparison"
