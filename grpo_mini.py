@@ -8,7 +8,7 @@ G completions, score each with a reward function, and use the reward relative to
 Every token of completion i is then pushed up (A_i > 0) or down (A_i < 0) with PPO's clipped surrogate, optionally
 held near a frozen reference model by a KL penalty:
 
-    loss = -(1/|tokens|) sum_{i,t} min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps_high) A_i) + beta KL_{i,t}
+    loss = (1/|tokens|) sum_{i,t} [ -min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps_high) A_i) + beta KL_{i,t} ]
 
 That is the whole algorithm, and this file is it, in reading order: config, task and rewards, sampling, per-token
 log-probs, advantages, the loss, the step, the training loop, evaluation. What is not the algorithm lives next door:

@@ -244,7 +244,7 @@ def check_output_dir(cfg) -> None:
     except OSError as err:
         raise ConfigError(f"--output_dir {out}: cannot write there ({err.strerror or type(err).__name__})") from None
     existing = [name for name in RUN_FILES if (out / name).exists()]
-    ours = (out / MARKER).is_file() or (out / CHECKPOINT / "state.json").is_file()  # older runs had no marker
+    ours = (out / MARKER).is_file() or is_our_config(out / "config.json")  # runs before the marker: their config
     if cfg.resume:
         saved = find_saved(out / CHECKPOINT)
         if saved is None:
@@ -278,6 +278,14 @@ def check_output_dir(cfg) -> None:
     take_lock(out)  # last: a refused directory gets nothing of ours
 
 
+def is_our_config(path: Path) -> bool:
+    """Whether PATH is the config.json of a grpo-mini run (a model's own config.json is not)."""
+    try:
+        return {"num_generations", "loss_type", "output_dir"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class NothingToDo(ConfigError):
     """The run asked for is already complete: the CLI says so in one line and exits 0."""
 
@@ -291,12 +299,12 @@ def take_lock(out: Path) -> None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise ConfigError(f"--output_dir {out}: another run (pid {pid}) is writing there; wait for it to "
-                                  f"end, or choose another --output_dir") from None
+                pid, age = int(lock.read_text().strip() or 0), time.time() - lock.stat().st_mtime
+            except (OSError, ValueError):  # gone meanwhile, or not a pid: stale
+                pid, age = 0, float("inf")
+            if (pid and pid != os.getpid() and process_alive(pid)) or (not pid and age < 10):  # empty: being written
+                raise ConfigError(f"--output_dir {out}: another run (pid {pid or '?'}) is writing there; wait for it "
+                                  f"to end, or choose another --output_dir") from None
             lock.unlink(missing_ok=True)  # stale, or ours: take it over
             continue
         with os.fdopen(fd, "w") as handle:

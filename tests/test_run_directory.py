@@ -279,3 +279,20 @@ def test_the_same_seed_on_the_same_machine_gives_the_same_numbers(tiny_model_dir
     first, second = run("first"), run("second")
     assert len(first[0]) == 7 and first[0] == second[0]  # 3 steps, 4 evaluations
     assert first[1] == second[1]  # the saved weights, byte for byte
+
+
+def test_a_lock_being_written_is_held_and_a_garbage_one_is_stale(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / harness.LOCK).write_text("")  # another run's lock, created a moment ago, its pid not yet written
+    with pytest.raises(g.ConfigError, match=r"another run \(pid \?\) is writing there"):
+        g.check_output_dir(g.Config(output_dir=str(out)))
+    (out / harness.LOCK).write_text("not a pid")
+    g.check_output_dir(g.Config(output_dir=str(out)))
+    assert (out / harness.LOCK).read_text() == str(os.getpid())
+
+
+def test_overwrite_clears_a_run_from_before_the_marker(tiny_model_dir, tmp_path):
+    out = finished_run(tiny_model_dir, tmp_path / "old_run", max_steps=1, save_every=0)
+    (out / harness.MARKER).unlink()  # as a run of an earlier version left its directory: config.json, no marker
+    g.check_output_dir(g.Config(output_dir=str(out), overwrite=True, model=str(tiny_model_dir)))
