@@ -8,9 +8,9 @@ plain` runs the plain forms). Each fast path is pinned to its plain form by a te
     sample_completions    greedy output equals model.generate token for token; sampled log-probs equal a forward
     shared_prompt_logps   equals the full-sequence forward, value and gradient
     chunked_token_logps   equals selective_log_softmax(logits / T), value and gradient (gradcheck)
-It also holds the choices that only change speed or memory (the compute dtype, the attention kernel, glibc's handling
-of freed memory, micro-batches sized by a token budget) and the tensor plumbing of rollouts. Measurements:
-docs/PERFORMANCE.md.
+It also loads and saves the model (a hub id, a directory or a .gguf file, in fp32, with one-line errors), and holds
+the choices that only change speed or memory (the compute dtype, the attention kernel, glibc's handling of freed
+memory, micro-batches sized by a token budget) and the tensor plumbing of rollouts. Measurements: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
