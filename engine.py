@@ -16,6 +16,7 @@ memory, micro-batches sized by a token budget) and the tensor plumbing of rollou
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -239,13 +240,14 @@ def last_position_only(prompt_ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([prompt_ids.size(1) - 1], device=prompt_ids.device)
 
 
-def with_cache(model, cache) -> dict:
+@functools.cache
+def cache_keyword() -> str:
     """The keyword that passes a KV cache to a model: transformers 5.24 renamed past_key_values to cache (the old
-    name warns, and goes in 5.40). Asking the installed version keeps 5.23 working and 5.24+ free of the warning."""
+    name warns, and goes in 5.40). Asking the installed version, once, keeps 5.23 working and 5.24+ free of it."""
     import transformers
 
-    renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
-    return {"cache" if renamed else "past_key_values": cache}
+    return "cache" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24) else \
+        "past_key_values"
 
 
 def output_cache(out):
@@ -272,7 +274,7 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     attention = torch.zeros(U, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)  # grows into the zeros
     attention[:, :P] = prompt_mask
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, **with_cache(model, cache),
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, **{cache_keyword(): cache},
                 use_cache=True, logits_to_keep=last_position_only(prompt_ids))  # the prefill: each prompt once
     index = torch.arange(U, device=device).repeat_interleave(repeats)  # [N]
     expand_cache_rows(cache, index)
@@ -302,7 +304,7 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
             break
         attention[:, P + t] = 1  # token t sits at cache position P + t
         logits = model(input_ids=token.unsqueeze(1), attention_mask=attention, position_ids=next_position,
-                       **with_cache(model, cache), use_cache=True).logits[:, -1]
+                       **{cache_keyword(): cache}, use_cache=True).logits[:, -1]
         next_position = next_position + 1
     return tokens[:, :steps], logps[:, :steps]
 
@@ -337,7 +339,7 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
         attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                     **with_cache(model, cache), use_cache=True).logits  # [n, T-1, V]
+                     **{cache_keyword(): cache}, use_cache=True).logits  # [n, T-1, V]
         # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
         logps = torch.cat([logps, chunked_token_logps(rest, completion_ids[:, 1:], temperature)], dim=1)
     return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)

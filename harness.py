@@ -38,7 +38,6 @@ import engine
 import scaling
 from scaling import say
 
-DEFAULT_MODEL = engine.DEFAULT_MODEL
 DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eager", "sdpa"), ("fast", "plain"), (
     "none", "tensorboard", "wandb")
 
