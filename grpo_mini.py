@@ -830,11 +830,12 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
 
 
 def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device) -> dict:
-    """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems.
+    """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems; the mean length of the
+    right and of the wrong answers (None where there are none), and every completion, which metrics.jsonl keeps.
 
     `model` is whatever rollouts sample from (train passes the bf16 sampling copy when --dtype picks bf16)."""
     model.eval()
-    correct, total_length, sample = 0.0, 0.0, ""
+    rewards, lengths, texts = [], [], []
     eos = eos_token_ids(model, tokenizer)
     for start in range(0, len(problems), cfg.eval_batch_size):
         chunk = problems[start:start + cfg.eval_batch_size]
@@ -843,11 +844,13 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device
                                            max_new_tokens=cfg.max_completion_length, eos_ids=eos,
                                            pad_id=tokenizer.pad_token_id, greedy=True)
         mask, _ = completion_mask(completion_ids, eos)
-        texts = decode_completions(tokenizer, completion_ids, mask)
-        correct += sum(correctness_reward(texts, [p.answer for p in chunk]))
-        total_length += mask.sum().item()
-        sample = sample or texts[0]
-    return {"accuracy": correct / len(problems), "mean_length": total_length / len(problems), "sample": sample}
+        texts += decode_completions(tokenizer, completion_ids, mask)
+        rewards += correctness_reward(texts[start:], [p.answer for p in chunk])
+        lengths += mask.sum(dim=1).tolist()
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"accuracy": mean(rewards), "mean_length": mean(lengths), "sample": texts[0], "completions": texts,
+            "right_length": mean([n for n, r in zip(lengths, rewards) if r > 0]),
+            "wrong_length": mean([n for n, r in zip(lengths, rewards) if r <= 0])}
 
 
 # ======================================================================================================================

@@ -530,8 +530,9 @@ class Run:
         if not self.is_main:
             return {"accuracy": float("nan"), "mean_length": float("nan"), "sample": ""}
         result = evaluate()
-        self.log.write({"step": step, "eval_accuracy": result["accuracy"],
-                        "eval_completion_len": result["mean_length"]})
+        self.log.write({"step": step, "eval_accuracy": result["accuracy"], "eval_completion_len": result["mean_length"],
+                        **{f"eval_{key}": value for key, value in result.items()  # right_length, completions, ...
+                           if key not in ("accuracy", "mean_length", "sample")}})
         say(f"eval step {step:>4} | held-out accuracy {result['accuracy']:.3f} | "
             f"mean length {result['mean_length']:.1f} | e.g. {result['sample']!r}")
         return result

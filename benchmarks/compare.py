@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.cold_start import STYLES, classify_style  # noqa: E402
 from gfpo import excess_length_reduction  # noqa: E402
 
 METHODS = {  # name -> (script, flags that make the method)
@@ -48,6 +49,10 @@ METHODS = {  # name -> (script, flags that make the method)
     "seed_grpo": ("seed_grpo.py", []),
     "gfpo_shortest": ("gfpo.py", ["--filter_metric", "shortest"]),
     "gfpo_token_efficiency": ("gfpo.py", ["--filter_metric", "token_efficiency"]),
+    "gfpo_adaptive": ("gfpo.py", ["--adaptive"]),  # k per prompt from its difficulty, shortest kept (the paper's)
+    # GRPO at GFPO's sampling budget: G' = 2G completions per prompt, all of them trained on. It tells whether GFPO's
+    # filter, or only its larger sample, shortens the answers.
+    "grpo_2g": ("grpo_mini.py", []),
     # the multi-turn tool-use task of tree_grpo.py: chains (the baseline) and trees, with the tree preset
     "chain_multiturn": ("tree_grpo.py", ["--no-tree"]),
     "tree_grpo": ("tree_grpo.py", []),
@@ -56,10 +61,17 @@ PRESETS = {  # flags shared by every method; GFPO then doubles num_generations a
     "cpu": {"task": "arithmetic", "reward": "signed", "max_steps": 20, "prompts_per_step": 4, "num_generations": 8,
             "max_completion_length": 64, "num_eval_problems": 64, "eval_every": 5},
     "tree": {},  # tree_grpo.py's own defaults (a 15-minute CPU run each); its methods ignore the task flags
+    # from benchmarks/cold_start.py's verbose checkpoint, on its own task (sums of four amounts); run that first
+    "cold_start": {"model": "runs/cold_start/model", "data": "runs/cold_start/problems.jsonl", "reward": "signed",
+                   "max_steps": 30, "prompts_per_step": 4, "num_generations": 8, "max_completion_length": 160,
+                   "num_eval_problems": 64, "eval_every": 10},
     "gpu": {"task": "multistep", "reward": "signed", "max_steps": 200, "prompts_per_step": 16, "num_generations": 8,
             "max_completion_length": 256, "num_eval_problems": 256, "eval_every": 20,
             "max_tokens_per_micro_batch": 16384},
 }
+DEFAULT_METHODS = ["grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
+PRESET_METHODS = {"cold_start": ["grpo", "gfpo_shortest", "gfpo_token_efficiency", "gfpo_adaptive"],
+                  "tree": ["chain_multiturn", "tree_grpo"]}
 
 
 def method_flags(method: str, settings: dict) -> list:
@@ -67,6 +79,10 @@ def method_flags(method: str, settings: dict) -> list:
     settings = dict(settings)
     if method.startswith("gfpo"):
         settings["num_remains_in_group"] = settings["num_generations"]  # keep k = G ...
+    if method == "gfpo_adaptive":  # the paper's 8 / 8 / 6 / 4 of G' = 16, scaled to G
+        G = settings["num_generations"]
+        settings.update(k_very_hard=G, k_hard=G, k_medium=max(2, 3 * G // 4), k_easy=max(2, G // 2))
+    if method.startswith("gfpo") or method == "grpo_2g":
         settings["num_generations"] = 2 * settings["num_generations"]  # ... of G' = 2G (16 and 8 by default)
     flags = []
     for key, value in settings.items():
@@ -91,8 +107,29 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path) -> dict:
         raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
                          f"{out_dir / f'{method}_seed{seed}.log'}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:  # each eval's cold-start answer styles, as keys that curve() can draw
+        if "eval_completions" in record:
+            record.update({f"style_{style}": share for style, share in style_shares(record).items()})
     print(f"[compare] {method} seed {seed}: {result.stdout.strip().splitlines()[-1]} ({wall:.0f} s)", flush=True)
     return {"records": records, "wall_s": wall}
+
+
+def style_shares(record: dict) -> dict:
+    """Each cold-start answer style's share of one eval's held-out completions (benchmarks/cold_start.py)."""
+    styles = [classify_style(text) for text in record.get("eval_completions") or []]
+    return {style: styles.count(style) / len(styles) if styles else None for style in STYLES}
+
+
+def matched_accuracy(records: list, level: float) -> dict:
+    """The first eval whose held-out accuracy reaches `level`: its eval length and the completion tokens sampled up
+    to it (None where the run never gets there). Example: evals (step 0: 0.3, 40 tokens), (step 10: 0.55, 60),
+    (step 20: 0.6, 80) with 1000 tokens sampled per step -> level 0.5: {"step": 10, "length": 60, "tokens": 10000}."""
+    sampled = 0
+    for record in records:  # in step order: step records add their tokens before the eval of the same step
+        sampled += record.get("tokens_sampled") or 0
+        if record.get("eval_accuracy") is not None and record["eval_accuracy"] >= level - 1e-9:
+            return {"step": record["step"], "length": record["eval_completion_len"], "tokens": sampled}
+    return {"step": None, "length": None, "tokens": None}
 
 
 def run_summary(run: dict) -> dict:
@@ -103,6 +140,9 @@ def run_summary(run: dict) -> dict:
     return {
         "acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
         "len_before": evals[0]["eval_completion_len"], "len_after": evals[-1]["eval_completion_len"],
+        "right_len_after": evals[-1].get("eval_right_length"), "wrong_len_after": evals[-1].get("eval_wrong_length"),
+        "styles": {r["step"]: style_shares(r) for r in evals},  # per eval step
+        "evals": [(r["step"], r["eval_accuracy"], r["eval_completion_len"]) for r in evals],
         "train_len_first": statistics.mean(r["completion_len"] for r in steps[:3]) if steps else None,
         "train_len_last": statistics.mean(r["completion_len"] for r in steps[-3:]) if steps else None,
         "grad_norm": statistics.mean(r["grad_norm"] for r in steps if r.get("grad_norm") is not None)
@@ -124,9 +164,12 @@ def mean_std(values: list) -> str:
 
 
 def build_table(summaries: dict, seeds: list) -> str:
-    """Markdown table, one row per method, mean +- std over seeds."""
-    lines = ["| method | held-out acc before -> after | held-out length before -> after (tokens) | ELR vs GRPO | "
-             "mean SE (nats) | mean grad norm | tokens sampled / trained | wall s |", "|" + "---|" * 8]
+    """Markdown table, one row per method, mean +- std over seeds. Where the held-out answers have cold-start styles
+    (benchmarks/cold_start.py), a second table gives each style's share at the first and the last eval."""
+    lines = ["| method | held-out acc before -> after | held-out length before -> after (tokens) | length of right / "
+             "wrong answers after | ELR vs GRPO | mean SE (nats) | mean grad norm | tokens sampled / trained | "
+             "wall s |",
+             "|" + "---|" * 9]
     for method, per_seed in summaries.items():
         elr = []
         for seed, s in zip(seeds, per_seed):
@@ -136,12 +179,39 @@ def build_table(summaries: dict, seeds: list) -> str:
                            if grpo and method != "grpo" else None)
             except ValueError:
                 elr.append(None)
-        col = lambda key: [s[key] for s in per_seed]  # noqa: E731
+        col = lambda key: [s.get(key) for s in per_seed]  # noqa: E731
         lines.append(
             f"| {method} | {mean_std(col('acc_before'))} -> {mean_std(col('acc_after'))} | "
-            f"{mean_std(col('len_before'))} -> {mean_std(col('len_after'))} | {mean_std(elr)} | "
+            f"{mean_std(col('len_before'))} -> {mean_std(col('len_after'))} | {mean_std(col('right_len_after'))} / "
+            f"{mean_std(col('wrong_len_after'))} | {mean_std(elr)} | "
             f"{mean_std(col('mean_se'))} | {mean_std(col('grad_norm'))} | {mean_std(col('tokens_sampled'))} / "
             f"{mean_std(col('tokens_trained'))} | {mean_std(col('wall_s'))} |")
+    if any(share for per_seed in summaries.values() for s in per_seed for shares in s["styles"].values()
+           for share in shares.values()):
+        lines += ["", "Answer styles of the held-out completions (share, first eval -> last eval):", "",
+                  "| method | " + " | ".join(STYLES) + " |", "|" + "---|" * (len(STYLES) + 1)]
+        for method, per_seed in summaries.items():
+            first = lambda s, style: s["styles"][min(s["styles"])][style]  # noqa: E731
+            last = lambda s, style: s["styles"][max(s["styles"])][style]  # noqa: E731
+            lines.append(f"| {method} | " + " | ".join(
+                f"{mean_std([first(s, st) for s in per_seed])} -> {mean_std([last(s, st) for s in per_seed])}"
+                for st in STYLES) + " |")
+    return "\n".join(lines)
+
+
+def matched_accuracy_table(summaries: dict, runs: dict, levels: list) -> str:
+    """Length at matched accuracy: for each method and accuracy level, the held-out length at the first eval that
+    reaches it and the tokens sampled until then, mean ± std over the seeds that got there (n/N of them)."""
+    lines = ["| method | " + " | ".join(f"acc >= {level:.3f}: length; tokens sampled (seeds)" for level in levels)
+             + " |", "|" + "---|" * (len(levels) + 1)]
+    for method, per_seed in runs.items():
+        cells = []
+        for level in levels:
+            hits = [matched_accuracy(run["records"], level) for run in per_seed]
+            reached = [h for h in hits if h["step"] is not None]
+            cells.append(f"{mean_std([h['length'] for h in reached])}; {mean_std([h['tokens'] for h in reached])} "
+                         f"({len(reached)}/{len(hits)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,18 +245,51 @@ def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    axes = axes[0]
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for unused in axes.flat[len(panels):]:
+        unused.set_visible(False)
+    axes = list(axes.flat)
     for axis, (key, title) in zip(axes, panels):
         for method, per_seed in runs.items():
             steps, means, stds = curve(per_seed, key)
-            line, = axis.plot(steps, means, marker="o" if key.startswith("eval") else None, label=method)
+            line, = axis.plot(steps, means, marker="o" if key.startswith(("eval", "style")) else None, label=method)
             axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                               color=line.get_color(), alpha=0.15)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
+    """Held-out accuracy against held-out length, one curve per method through its evals (mean over seeds), with
+    a ± one std band of the accuracy. Upper left is better: more accurate, in fewer tokens."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for method, per_seed in runs.items():
+        _, lengths, length_stds = curve(per_seed, "eval_completion_len")
+        _, accuracies, accuracy_stds = curve(per_seed, "eval_accuracy")
+        line, = axis.plot(lengths, accuracies, marker="o", label=method)
+        axis.fill_between(lengths, [a - s for a, s in zip(accuracies, accuracy_stds)],
+                          [a + s for a, s in zip(accuracies, accuracy_stds)], color=line.get_color(), alpha=0.12)
+        axis.errorbar(lengths, accuracies, xerr=length_stds, fmt="none", color=line.get_color(), alpha=0.5)
+        axis.annotate("start", (lengths[0], accuracies[0]), fontsize=7)
+    axis.set_xlabel("held-out mean completion length (tokens)")
+    axis.set_ylabel("held-out greedy accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -237,30 +340,52 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS)[:4])  # not the tree's
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="default: grpo, seed_grpo and the two GFPO metrics; with --preset cold_start, grpo and "
+                             "the three GFPO variants")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a setting for every method, e.g. max_steps=2 model=DIR")
+    parser.add_argument("--levels", nargs="*", type=float, default=None, metavar="ACCURACY",
+                        help="accuracy levels of the length-at-matched-accuracy table (default: GRPO's mean final "
+                             "accuracy and its mean first eval)")
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output_dir")
     args = parser.parse_args()
+    methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
     settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
     out_dir = Path(args.output_dir)
-    check_before_running(args.methods, settings, out_dir, args.overwrite)
+    check_before_running(methods, settings, out_dir, args.overwrite)
+    missing = [settings[key] for key in ("model", "data")
+               if args.preset == "cold_start" and not (ROOT / settings[key]).exists()]
+    if missing:
+        raise SystemExit(f"error: --preset cold_start trains from {missing[0]}, which is not there yet: make it first "
+                         f"with `python benchmarks/cold_start.py`")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {m: [run_method(m, seed, settings, out_dir) for seed in args.seeds] for m in args.methods}
+    runs = {m: [run_method(m, seed, settings, out_dir) for seed in args.seeds] for m in methods}
     summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}
     table = build_table(summaries, args.seeds)
+    reference = summaries.get("grpo") or next(iter(summaries.values()))
+    levels = args.levels or sorted({round(statistics.mean(s["acc_before"] for s in reference), 3),
+                                    round(statistics.mean(s["acc_after"] for s in reference), 3)})
+    table += ("\n\nLength at matched accuracy (the first eval at or above each level; levels: "
+              + ("--levels" if args.levels else f"{'grpo' if 'grpo' in summaries else methods[0]}'s mean first and "
+                 f"last eval") + "):\n\n" + matched_accuracy_table(summaries, runs, levels))
     header = (f"preset {args.preset}, seeds {args.seeds}, settings {settings}\n"
               f"(mean ± std over seeds where there are several)\n\n")
     (out_dir / "results.md").write_text(header + table + "\n")
     (out_dir / "summary.json").write_text(json.dumps({
         "settings": settings, "seeds": args.seeds, "method_flags": {m: method_flags(m, settings) for m in runs},
-        "per_seed": {m: dict(zip(map(str, args.seeds), per_seed)) for m, per_seed in summaries.items()}}, indent=2))
+        "levels": levels,
+        "per_seed": {m: dict(zip(map(str, args.seeds), per_seed)) for m, per_seed in summaries.items()}},
+        indent=2))
     print("\n" + table)
-    if plot_curves(runs, out_dir / "curves.png"):
-        print(f"\nwrote {out_dir / 'results.md'} and {out_dir / 'curves.png'}")
+    panels = COMPARE_PANELS + ([(f"style_{style}", f"held-out share of the {style} style") for style in STYLES]
+                               if args.preset == "cold_start" else [])
+    if (plot_curves(runs, out_dir / "curves.png", panels)
+            and plot_accuracy_vs_length(runs, out_dir / "accuracy_vs_length.png")):
+        print(f"\nwrote {out_dir / 'results.md'}, {out_dir / 'curves.png'} and {out_dir / 'accuracy_vs_length.png'}")
     else:
-        print(f"\nwrote {out_dir / 'results.md'}; for the plot, pip install matplotlib")
+        print(f"\nwrote {out_dir / 'results.md'}; for the plots, pip install matplotlib")
     return 0
 
 

@@ -1,6 +1,6 @@
 """benchmarks/length_probe.py: which way will GRPO push the completion length on a task? Measured before training.
 
-    python benchmarks/length_probe.py                          # every setting below: docs/RESULTS.md's table (~18 min, CPU)
+    python benchmarks/length_probe.py                      # every setting below: docs/RESULTS.md's table (~18 min, CPU)
     python benchmarks/length_probe.py --settings arithmetic multistep
     python benchmarks/length_probe.py --model runs/grpo/model --settings arithmetic    # a trained model
     python benchmarks/length_probe.py --settings two_digit_product --write_jsonl product.jsonl --seed 1234
@@ -49,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo_mini as gm  # noqa: E402
+from benchmarks.cold_start import make_sum_of_four, style_report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ FAMILIES: dict[str, Callable[[random.Random], gm.Problem]] = {
     "change": make_change,
     "gain_then_loss": make_gain_then_loss,
     "boxes_plus_loose": make_boxes_plus_loose,
+    "sum_of_four": make_sum_of_four,  # the cold start's task (benchmarks/cold_start.py): probe its checkpoint with it
 }
 # Text added after the question (grpo_mini's own instruction still follows it).
 VARIANTS = {
@@ -184,6 +186,7 @@ def probe(model, sampler, tokenizer, make_problem, cfg: gm.Config, num_prompts: 
     stats = length_advantage_stats(rewards, ro.lengths.cpu(), cfg.num_generations)
     return {"accuracy": rewards.mean().item(), "mean_length": ro.lengths.float().mean().item(),
             "truncated": ro.truncated.float().mean().item(), **stats,
+            "styles": style_report(ro.completions, rewards.tolist()),  # the cold start's answer styles
             "examples": [{"reward": rewards[row].item(), "length": int(ro.lengths[row]), "text": ro.completions[row]}
                          for row in range(0, len(ro.completions), cfg.num_generations)][:4]}  # 1st sample, 4 prompts
 
@@ -260,6 +263,10 @@ def main(argv=None) -> int:
               f"mixed {r['mixed_fraction']:.2f}, right-wrong {signed_or_dash(r['right_minus_wrong'], 1)}, "
               f"length_push {r['length_push']:+.2f} ± {r['length_push_stderr']:.2f} ({time.time() - start:.0f} s)",
               flush=True)
+        styles = {k: v for k, v in r["styles"].items() if v["share"] and k != "other"}
+        if styles:  # a cold-started model: each answer style's share and sampled accuracy
+            print("  styles: " + ", ".join(f"{k} {v['share']:.2f} (accuracy {v['accuracy']:.3f})"
+                                          for k, v in styles.items()), flush=True)
     text = table(results, cfg, args.prompts, args.model)
     (out / "results.md").write_text(text)
     no_nan = {name: {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}

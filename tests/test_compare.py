@@ -12,11 +12,12 @@ def test_compare_runs_all_four_methods(tiny_model_dir, tmp_path):
         "max_steps=2", "prompts_per_step=2", "num_generations=2", "max_completion_length=8", "num_eval_problems=4",
         "num_train_problems=20", "device=cpu", "eval_every=1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = (out / "results.md").read_text()
+    table, matched = (out / "results.md").read_text().split("Length at matched accuracy")
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() for row in rows] == [
         "grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
-    assert "n/a" not in rows[1].split("|")[5]  # SEED-GRPO reports its mean semantic entropy
+    assert "n/a" not in rows[1].split("|")[6]  # SEED-GRPO reports its mean semantic entropy
+    assert "(1/1)" in matched.splitlines()[4]  # GRPO reaches its own first eval's accuracy, at step 0
     summary = json.loads((out / "summary.json").read_text())
     gfpo = summary["per_seed"]["gfpo_shortest"]["0"]
     assert gfpo["tokens_trained"] <= gfpo["tokens_sampled"]
