@@ -61,9 +61,10 @@ PRESETS = {  # flags shared by every method; GFPO then doubles num_generations a
     "cpu": {"task": "arithmetic", "reward": "signed", "max_steps": 20, "prompts_per_step": 4, "num_generations": 8,
             "max_completion_length": 64, "num_eval_problems": 64, "eval_every": 5},
     "tree": {},  # tree_grpo.py's own defaults (a 15-minute CPU run each); its methods ignore the task flags
-    # from benchmarks/cold_start.py's verbose checkpoint, on its own task (sums of four amounts); run that first
+    # from benchmarks/cold_start.py's verbose checkpoint, on its own task (sums of four amounts); run that first.
+    # G = 4 (GFPO: G' = 8, k = 4) and 2 prompts per step keep the 12 runs of 3 seeds near 90 minutes on 2 CPU cores
     "cold_start": {"model": "runs/cold_start/model", "data": "runs/cold_start/problems.jsonl", "reward": "signed",
-                   "max_steps": 30, "prompts_per_step": 4, "num_generations": 8, "max_completion_length": 160,
+                   "max_steps": 30, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 160,
                    "num_eval_problems": 64, "eval_every": 10},
     "gpu": {"task": "multistep", "reward": "signed", "max_steps": 200, "prompts_per_step": 16, "num_generations": 8,
             "max_completion_length": 256, "num_eval_problems": 256, "eval_every": 20,
