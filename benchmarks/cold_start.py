@@ -161,11 +161,15 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.batch_size < 1:
         print("error: --steps and --batch_size must be >= 1", file=sys.stderr)
         return 2
-    sft_problems, rl_problems = split_problems(args.seed, args.num_sft_problems, args.num_rl_problems)
+    try:  # a bad --model or too many problems asked for: one line, not a traceback
+        sft_problems, rl_problems = split_problems(args.seed, args.num_sft_problems, args.num_rl_problems)
+        model, tokenizer = gm.load_model_and_tokenizer(args.model)
+    except gm.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     gm.set_seed(args.seed)
     device = gm.pick_device("auto")
     dtype = gm.pick_dtype("auto", device)
-    model, tokenizer = gm.load_model_and_tokenizer(args.model)
     model.to(device).train()
     sampler_kernel = gm.engine.use_training_attention(model, "auto", device, dtype)  # eager: fast CPU bf16 backward
     out.mkdir(parents=True, exist_ok=True)

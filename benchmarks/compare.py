@@ -5,16 +5,24 @@
     python benchmarks/compare.py --preset gpu --seeds 0 1 2
     python benchmarks/compare.py --set max_steps=2 num_eval_problems=4 --methods grpo gfpo_shortest   # quick look
     python benchmarks/compare.py --set baseline=leave_one_out           # any training flag, for every method
+    python benchmarks/cold_start.py && python benchmarks/compare.py --preset cold_start --seeds 0 1 2
+        # GFPO's regime: GRPO and the three GFPO variants from a verbose fine-tuned checkpoint (docs/RESULTS.md)
+    python benchmarks/compare.py --seeds 0 1 2 --methods grpo grpo_2g gfpo_shortest gfpo_token_efficiency
+        # with the control that samples G' = 2G and trains on all: is it GFPO's filter or its larger sample?
 
 Each method runs through its own script (`python grpo_mini.py ...`, `python seed_grpo.py ...`,
 `python gfpo.py ...`) in a subprocess. The training code is not re-implemented here. This file only reads
 back each run's metrics.jsonl. It writes, under --output_dir:
     results.md    one row per method, mean ± std over seeds: held-out accuracy before -> after, held-out mean
-                  completion length before -> after, ELR against the GRPO run of the same seed (reference length: the
-                  untrained model's), mean semantic entropy (SEED-GRPO), completion tokens sampled vs trained,
-                  wall time
+                  completion length before -> after, ELR against the GRPO run of the same seed (reference length:
+                  the model's at step 0), mean semantic entropy (SEED-GRPO), completion tokens sampled vs trained,
+                  wall time, the length of the right and of the wrong held-out answers; with --preset
+                  cold_start, each answer style's share (benchmarks/cold_start.py) at the first and last eval; and
+                  the length at matched accuracy: for each method and accuracy level, the held-out length at the
+                  first eval that reaches it, and the completion tokens sampled until then
     curves.png    training reward, training completion length, held-out accuracy and held-out length per step:
-                  each method's mean over seeds, with a band of ± one std
+                  each method's mean over seeds, with a band of ± one std (cold_start: the style shares too)
+    accuracy_vs_length.png   held-out accuracy against held-out length, one curve per method through its evals
     summary.json  the settings, and every number of the table per method AND per seed
 matplotlib is optional: without it the table is written and a one-line hint is printed.
 
@@ -94,24 +102,56 @@ def method_flags(method: str, settings: dict) -> list:
     return flags + METHODS[method][1]
 
 
-def run_method(method: str, seed: int, settings: dict, out_dir: Path) -> dict:
-    """Train one method with one seed in a subprocess; return its metrics records and wall time."""
+def config_classes() -> dict:
+    """Each training script's config class, by script name."""
+    import gfpo
+    import grpo_mini
+    import seed_grpo
+    import tree_grpo
+
+    return {"grpo_mini.py": grpo_mini.Config, "seed_grpo.py": seed_grpo.SeedConfig, "gfpo.py": gfpo.GFPOConfig,
+            "tree_grpo.py": tree_grpo.TreeConfig}
+
+
+def finished_run(method: str, flags: list, run_dir: Path) -> bool:
+    """--reuse: whether run_dir already holds a finished run made with exactly these flags (its config.json equals
+    the config the flags give, and its metrics.jsonl ends with the eval after the last step)."""
+    import grpo_mini
+
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return False
+    cfg = grpo_mini.parse_config(config_classes()[METHODS[method][0]], argv=flags)
+    return (stored == json.loads(json.dumps(dataclasses.asdict(cfg))) and "eval_accuracy" in last
+            and last["step"] == cfg.max_steps)
+
+
+def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: bool = False) -> dict:
+    """Train one method with one seed in a subprocess; return its metrics records and wall time (None for a run
+    that --reuse found finished already)."""
     run_dir = out_dir / f"{method}_seed{seed}"
-    command = [sys.executable, METHODS[method][0], *method_flags(method, settings), "--seed", str(seed),
-               "--output_dir", str(run_dir), "--no-save_model", "--save_every", "0", "--overwrite"]
-    print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
-    start = time.time()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - start
-    (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
-                         f"{out_dir / f'{method}_seed{seed}.log'}")
+    flags = [*method_flags(method, settings), "--seed", str(seed), "--output_dir", str(run_dir), "--no-save_model",
+             "--save_every", "0", "--overwrite"]
+    wall = None
+    if reuse and finished_run(method, flags, run_dir):
+        print(f"[compare] {method} seed {seed}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        print(f"[compare] {method} seed {seed}: {METHODS[method][0]} {' '.join(flags)}", flush=True)
+        start = time.time()
+        result = subprocess.run([sys.executable, METHODS[method][0], *flags], cwd=ROOT, capture_output=True,
+                                text=True)
+        wall = time.time() - start
+        (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
+                             f"{out_dir / f'{method}_seed{seed}.log'}")
+        print(f"[compare] {method} seed {seed}: {result.stdout.strip().splitlines()[-1]} ({wall:.0f} s)", flush=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in records:  # each eval's cold-start answer styles, as keys that curve() can draw
         if "eval_completions" in record:
             record.update({f"style_{style}": share for style, share in style_shares(record).items()})
-    print(f"[compare] {method} seed {seed}: {result.stdout.strip().splitlines()[-1]} ({wall:.0f} s)", flush=True)
     return {"records": records, "wall_s": wall}
 
 
@@ -318,13 +358,7 @@ def parse_overrides(pairs: list) -> dict:
 def check_before_running(methods: list, settings: dict, out_dir: Path, overwrite: bool) -> None:
     """One line, before any run starts: a --set key that is not a flag of a chosen method's script, or earlier
     results in --output_dir that this run would replace (without --overwrite)."""
-    import gfpo
-    import grpo_mini
-    import seed_grpo
-    import tree_grpo
-
-    configs = {"grpo_mini.py": grpo_mini.Config, "seed_grpo.py": seed_grpo.SeedConfig, "gfpo.py": gfpo.GFPOConfig,
-               "tree_grpo.py": tree_grpo.TreeConfig}
+    configs = config_classes()
     for method in methods:
         script = METHODS[method][0]
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(configs[script])})
@@ -351,6 +385,8 @@ def main() -> int:
                              "accuracy and its mean first eval)")
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output_dir")
+    parser.add_argument("--reuse", action="store_true", help="with --overwrite: keep each run that --output_dir "
+                        "already holds finished with the same flags, and train only the others (e.g. a method added)")
     args = parser.parse_args()
     methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
     settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
@@ -362,7 +398,7 @@ def main() -> int:
         raise SystemExit(f"error: --preset cold_start trains from {missing[0]}, which is not there yet: make it first "
                          f"with `python benchmarks/cold_start.py`")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {m: [run_method(m, seed, settings, out_dir) for seed in args.seeds] for m in methods}
+    runs = {m: [run_method(m, seed, settings, out_dir, args.reuse) for seed in args.seeds] for m in methods}
     summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}
     table = build_table(summaries, args.seeds)
     reference = summaries.get("grpo") or next(iter(summaries.values()))

@@ -30,7 +30,10 @@ mostly rambling that ends on a wrong number, so where GRPO learns, it shortens t
 The settings: the two built-in tasks (grpo_mini --task), five more word-problem families written for this search,
 and two changes of instruction: "brief" asks for the number alone (so that writing out the working would be a
 lengthening), "example" shows one worked example first (so that the working is a form the model can copy). The
-candidate families live here, not in tasks.py, because none of them gave the lengthening regime.
+candidate families live here, not in tasks.py, because none of them gave the lengthening regime. What did give it is
+a supervised cold start (benchmarks/cold_start.py); its task is the family sum_of_four, and probing its checkpoint
+with it is the gate before the GFPO comparison: `--model runs/cold_start/model --settings sum_of_four
+--max_completion_length 160` measured length_push +8.27 ± 1.78 with 69% mixed groups (docs/RESULTS.md).
 """
 
 from __future__ import annotations

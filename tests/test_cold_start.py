@@ -97,6 +97,9 @@ def test_cold_start_end_to_end_then_compare_reads_its_styles(tiny_model_dir, tmp
     assert len((out / "problems.jsonl").read_text().splitlines()) == 30
     again = run_script("benchmarks/cold_start.py", "--model", tiny_model_dir, "--output_dir", out)
     assert again.returncode == 2 and "already holds a cold start" in again.stderr  # nothing replaced silently
+    missing = run_script("benchmarks/cold_start.py", "--model", tmp_path / "nothing", "--output_dir", tmp_path / "x")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
+        f"error: --model {tmp_path / 'nothing'}: could not load it")
 
     compare = tmp_path / "compare"
     result = run_script(

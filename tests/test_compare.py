@@ -7,10 +7,10 @@ from conftest import run_script
 
 def test_compare_runs_all_four_methods(tiny_model_dir, tmp_path):
     out = tmp_path / "compare"
-    result = run_script(
-        "benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "--set", f"model={tiny_model_dir}",
-        "max_steps=2", "prompts_per_step=2", "num_generations=2", "max_completion_length=8", "num_eval_problems=4",
-        "num_train_problems=20", "device=cpu", "eval_every=1", timeout=600)
+    settings = ["max_steps=2", "prompts_per_step=2", "num_generations=2", "max_completion_length=8",
+                "num_eval_problems=4", "num_train_problems=20", "device=cpu", "eval_every=1"]
+    result = run_script("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "--set",
+                        f"model={tiny_model_dir}", *settings, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table, matched = (out / "results.md").read_text().split("Length at matched accuracy")
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
@@ -33,6 +33,14 @@ def test_compare_runs_all_four_methods(tiny_model_dir, tmp_path):
         assert "pip install matplotlib" in result.stdout
     else:
         assert (out / "curves.png").stat().st_size > 10_000
+    # --reuse keeps the finished runs made with the same flags, and trains a run whose flags changed
+    again = run_script("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "--overwrite", "--reuse",
+                       "--set", f"model={tiny_model_dir}", *settings, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 4, again.stderr[-2000:]
+    changed = run_script("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "--overwrite", "--reuse",
+                         "--methods", "grpo", "--set", f"model={tiny_model_dir}", *settings, "max_steps=1",
+                         timeout=600)
+    assert changed.returncode == 0 and "reusing" not in changed.stdout, changed.stderr[-2000:]
 
 
 def test_curve_is_the_mean_and_std_over_seeds():

@@ -371,3 +371,13 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
     log.write({"step": 1, "loss": float("nan"), "reward": float("inf"), "acc": 0.5})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "reward": None,
                                                                      "acc": 0.5}
+
+
+def test_evaluate_splits_the_length_of_right_and_wrong_answers(tiny_model, tiny_tokenizer, monkeypatch):
+    problems = g.make_arithmetic_split(0, 1, 4)[1]
+    monkeypatch.setattr(g, "correctness_reward", lambda texts, answers: [float(i % 2 == 0) for i in range(len(texts))])
+    cfg = g.Config(num_eval_problems=4, max_completion_length=6, eval_batch_size=3)  # two batches: 3 + 1
+    result = g.evaluate(tiny_model, tiny_tokenizer, problems, cfg, torch.device("cpu"))
+    assert len(result["completions"]) == 4 and result["sample"] == result["completions"][0]
+    assert result["accuracy"] == 0.75  # rows 0 and 2 of the first batch "right", and row 0 of the second
+    assert abs((3 * result["right_length"] + result["wrong_length"]) / 4 - result["mean_length"]) < 1e-9
