@@ -22,6 +22,10 @@ Run it:
 What you will see: grpo_mini's per-step line plus `len_all` / `len_kept` (mean length of all sampled vs retained
 completions), `eff` (mean reward per token) and `k`, and `held-out accuracy: BEFORE -> AFTER` at the end. The
 record also has tokens_sampled and tokens_trained. Compare runs with excess_length_reduction (ELR).
+
+GFPO's regime needs a model that GRPO makes verbose. The raw SmolLM2-135M is terse, so `python
+benchmarks/cold_start.py` first fine-tunes it on padded answers, and `python benchmarks/compare.py --preset
+cold_start --seeds 0 1 2` compares GRPO with the GFPO variants from there (docs/RESULTS.md has what happened).
 """
 
 from __future__ import annotations

@@ -309,8 +309,8 @@ def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
 
 
 def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
-    """Held-out accuracy against held-out length, one curve per method through its evals (mean over seeds), with
-    a ± one std band of the accuracy. Upper left is better: more accurate, in fewer tokens."""
+    """Held-out accuracy against held-out length, one curve per method through its evals (mean over seeds, from the
+    shared start), with ± one std bars on both. Upper left is better: more accurate, in fewer tokens."""
     try:
         import matplotlib
 
@@ -323,10 +323,9 @@ def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
         _, lengths, length_stds = curve(per_seed, "eval_completion_len")
         _, accuracies, accuracy_stds = curve(per_seed, "eval_accuracy")
         line, = axis.plot(lengths, accuracies, marker="o", label=method)
-        axis.fill_between(lengths, [a - s for a, s in zip(accuracies, accuracy_stds)],
-                          [a + s for a, s in zip(accuracies, accuracy_stds)], color=line.get_color(), alpha=0.12)
-        axis.errorbar(lengths, accuracies, xerr=length_stds, fmt="none", color=line.get_color(), alpha=0.5)
-        axis.annotate("start", (lengths[0], accuracies[0]), fontsize=7)
+        axis.errorbar(lengths, accuracies, xerr=length_stds, yerr=accuracy_stds, fmt="none", color=line.get_color(),
+                      alpha=0.35, capsize=2)  # the path is not monotone in length, so bars rather than a band
+        axis.annotate(f"{method}: end", (lengths[-1], accuracies[-1]), fontsize=7, color=line.get_color())
     axis.set_xlabel("held-out mean completion length (tokens)")
     axis.set_ylabel("held-out greedy accuracy")
     axis.grid(alpha=0.3)
