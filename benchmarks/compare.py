@@ -182,7 +182,7 @@ def run_summary(run: dict) -> dict:
         "acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
         "len_before": evals[0]["eval_completion_len"], "len_after": evals[-1]["eval_completion_len"],
         "right_len_after": evals[-1].get("eval_right_length"), "wrong_len_after": evals[-1].get("eval_wrong_length"),
-        "styles": {r["step"]: style_shares(r) for r in evals},  # per eval step
+        "styles": {r["step"]: {style: r.get(f"style_{style}") for style in STYLES} for r in evals},  # run_method's
         "evals": [(r["step"], r["eval_accuracy"], r["eval_completion_len"]) for r in evals],
         "train_len_first": statistics.mean(r["completion_len"] for r in steps[:3]) if steps else None,
         "train_len_last": statistics.mean(r["completion_len"] for r in steps[-3:]) if steps else None,
@@ -231,16 +231,16 @@ def build_table(summaries: dict, seeds: list) -> str:
            for share in shares.values()):
         lines += ["", "Answer styles of the held-out completions (share, first eval -> last eval):", "",
                   "| method | " + " | ".join(STYLES) + " |", "|" + "---|" * (len(STYLES) + 1)]
+        first = lambda s, style: s["styles"][min(s["styles"])][style]  # noqa: E731
+        last = lambda s, style: s["styles"][max(s["styles"])][style]  # noqa: E731
         for method, per_seed in summaries.items():
-            first = lambda s, style: s["styles"][min(s["styles"])][style]  # noqa: E731
-            last = lambda s, style: s["styles"][max(s["styles"])][style]  # noqa: E731
             lines.append(f"| {method} | " + " | ".join(
                 f"{mean_std([first(s, st) for s in per_seed])} -> {mean_std([last(s, st) for s in per_seed])}"
                 for st in STYLES) + " |")
     return "\n".join(lines)
 
 
-def matched_accuracy_table(summaries: dict, runs: dict, levels: list) -> str:
+def matched_accuracy_table(runs: dict, levels: list) -> str:
     """Length at matched accuracy: for each method and accuracy level, the held-out length at the first eval that
     reaches it and the tokens sampled until then, mean ± std over the seeds that got there (n/N of them)."""
     lines = ["| method | " + " | ".join(f"acc >= {level:.3f}: length; tokens sampled (seeds)" for level in levels)
@@ -275,16 +275,24 @@ COMPARE_PANELS = [("reward", "training reward (mean of the step's samples)"),
                   ("eval_completion_len", "held-out mean completion length (tokens)")]
 
 
-def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
-    """One panel per (metrics key, title): per-step curves, each method's mean over seeds with a ± one std band.
-    runs: {label: [{"records": metrics.jsonl records}, ...one per seed]}. False when matplotlib is missing.
-    benchmarks/plot_run.py draws a single run with it."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
+    """One panel per (metrics key, title): per-step curves, each method's mean over seeds with a ± one std band.
+    runs: {label: [{"records": metrics.jsonl records}, ...one per seed]}. False when matplotlib is missing.
+    benchmarks/plot_run.py draws a single run with it."""
+    plt = pyplot()
+    if plt is None:
         return False
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
@@ -311,12 +319,8 @@ def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
 def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
     """Held-out accuracy against held-out length, one curve per method through its evals (mean over seeds, from the
     shared start), with ± one std bars on both. Upper left is better: more accurate, in fewer tokens."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for method, per_seed in runs.items():
@@ -405,7 +409,7 @@ def main() -> int:
                                     round(statistics.mean(s["acc_after"] for s in reference), 3)})
     table += ("\n\nLength at matched accuracy (the first eval at or above each level; levels: "
               + ("--levels" if args.levels else f"{'grpo' if 'grpo' in summaries else methods[0]}'s mean first and "
-                 f"last eval") + "):\n\n" + matched_accuracy_table(summaries, runs, levels))
+                 f"last eval") + "):\n\n" + matched_accuracy_table(runs, levels))
     header = (f"preset {args.preset}, seeds {args.seeds}, settings {settings}\n"
               f"(mean ± std over seeds where there are several)\n\n")
     (out_dir / "results.md").write_text(header + table + "\n")
