@@ -73,6 +73,7 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 BASELINES = ("mean", "leave_one_out")
 TASKS = ("arithmetic", "multistep")
 REWARD_KINDS = ("binary", "signed")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -111,9 +112,11 @@ class Config(RunConfig):
     prompts_per_step: int = 8
     """prompts per step (B); the step trains on B x num_generations completions"""
     learning_rate: float = 3e-5
-    """AdamW learning rate (constant after warm-up)"""
+    """AdamW learning rate (its peak, after warm-up; see --lr_scheduler_type)"""
     warmup_steps: int = 3
     """linear learning-rate warm-up, in optimiser steps"""
+    lr_scheduler_type: str = "constant"
+    """after warm-up: constant | linear (TRL's default: decays linearly to 0 over the run's optimiser steps)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -154,6 +157,7 @@ class Config(RunConfig):
             (self.importance_sampling_level in IMPORTANCE_LEVELS, "importance_sampling_level",
              f"must be one of {', '.join(IMPORTANCE_LEVELS)}"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (self.lr_scheduler_type in LR_SCHEDULES, "lr_scheduler_type", f"must be one of {', '.join(LR_SCHEDULES)}"),
             (self.max_grad_norm > 0, "max_grad_norm", "must be > 0"),
             (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
             (self.reward in REWARD_KINDS, "reward", f"must be one of {', '.join(REWARD_KINDS)}"),
@@ -640,6 +644,18 @@ def optimizer_step(model, optimizer, scheduler, cfg: Config, has_gradient: bool)
     return grad_norm
 
 
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """The multiplier of --learning_rate at optimiser step `step` (0-based). Warm-up (step < warmup_steps W):
+    (step + 1) / (W + 1), where transformers' starts at 0 (step / W); then constant 1, or linear (TRL's default)
+    (total_steps - step) / (total_steps - W).  Example: W = 2, total 6 -> constant 1/3, 2/3, 1, 1, 1, 1;
+    linear 1/3, 2/3, 1, 0.75, 0.5, 0.25."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return 1.0
+
+
 def score(ro: Rollout, reward_fn: RewardFn, device: torch.device) -> Rollout:
     """Fill in ro.rewards [N] from reward_fn(completions, answers), checked by tasks.checked_rewards."""
     ro.rewards = torch.tensor(tasks.checked_rewards(reward_fn, ro.completions, ro.answers), dtype=torch.float32,
@@ -800,7 +816,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             ref_model = scaling.AdaptersOff(model) if cfg.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(  # s: optimiser steps
+            s, cfg.warmup_steps, cfg.max_steps * cfg.num_iterations, cfg.lr_scheduler_type))
         prompts = tasks.PromptOrder(train_set, seed=cfg.seed + 1)  # the training problems, reshuffled every epoch
         run.start(model, tokenizer, optimizer, scheduler, prompts, make_advantages, extra_log_keys)  # resume, files
         sampler = engine.make_sampling_model(model, run.dtype, sampling_attention)  # fp32: the policy; bf16: a copy

@@ -307,3 +307,12 @@ def test_multistep_problem_docstring_example_and_split():
     train, held_out = g.make_arithmetic_split(0, 50, 10, g.make_multistep_problem)
     assert len(train) == 50 and len(held_out) == 10
     assert not {q.prompt for q in held_out} & {q.prompt for q in train}
+
+
+def test_learning_rate_factor_docstring_example():
+    from grpo_mini import learning_rate_factor
+    constant = [learning_rate_factor(s, 2, 6, "constant") for s in range(6)]
+    linear = [learning_rate_factor(s, 2, 6, "linear") for s in range(6)]
+    assert constant == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
+    assert linear == pytest.approx([1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25])
+

@@ -1,6 +1,7 @@
 """The training loop and the CLI, on a tiny random model built offline (no downloads)."""
 
 import json
+from pathlib import Path
 import time
 
 import pytest
@@ -105,6 +106,15 @@ def _train(tiny_model, tiny_tokenizer, tmp_path, reward_fn=digit_fraction_reward
 def char_code_reward(completions, answers):
     """Dense: random samples differ in their characters, so no group has zero spread and every step has a gradient."""
     return [sum(map(ord, text)) / 1000 for text in completions]
+
+
+def test_linear_learning_rate_decays_over_every_optimiser_step(tiny_model, tiny_tokenizer, tmp_path):
+    """lr_scheduler_type linear counts max_steps x num_iterations optimiser steps: the logged lr (after each step's
+    updates) is factor(2), factor(4), factor(6) = 2/3, 1/3, 0 of the peak with no warm-up."""
+    _, cfg = _train(tiny_model, tiny_tokenizer, tmp_path, reward_fn=char_code_reward, max_steps=3, num_iterations=2,
+                    warmup_steps=0, lr_scheduler_type="linear", learning_rate=1e-3)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "reward" in r] == pytest.approx([2e-3 / 3, 1e-3 / 3, 0.0])
 
 
 def test_every_trainable_parameter_changes_after_one_step(tiny_model, tiny_tokenizer, tmp_path):
