@@ -20,7 +20,7 @@ import functools
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -315,8 +315,9 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 
 
 def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float,
-                        prompt_index: Optional[torch.Tensor] = None):
-    """grpo_mini.completion_logps, with each distinct prompt forwarded once: per-token log-probs [n, T].
+                        prompt_index: Optional[torch.Tensor] = None, with_entropy: bool = False):
+    """grpo_mini.completion_logps, with each distinct prompt forwarded once: per-token log-probs [n, T] (and with
+    with_entropy, each position's entropy [n, T], as (logps, entropies)).
 
     prompt_ids / prompt_mask: [U, P], the DISTINCT prompts (left-padded). prompt_index [n] says which prompt each
     completion row continues (None: row r continues prompt r). completion_mask_ [n, T] is the attention mask of the
@@ -332,7 +333,7 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
                   logits_to_keep=last_position_only(prompt_ids))  # not logits_to_keep=1: see its docstring
-    logps = chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature)  # [n, 1]
+    logps = [chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature, with_entropy)]  # [n, 1]
     if T > 1:
         cache = output_cache(first)
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
@@ -341,8 +342,10 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
                      **{cache_keyword(): cache}, use_cache=True).logits  # [n, T-1, V]
         # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
-        logps = torch.cat([logps, chunked_token_logps(rest, completion_ids[:, 1:], temperature)], dim=1)
-    return logps  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
+        logps.append(chunked_token_logps(rest, completion_ids[:, 1:], temperature, with_entropy))
+    if with_entropy:
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*logps))
+    return torch.cat(logps, dim=1)  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
 
 
 # Written with autograd, selective_log_softmax(logits / T, ids) makes several [rows, T, V] tensors (V = 49k for
@@ -358,29 +361,45 @@ class TokenLogProbs(torch.autograd.Function):
     Gradient, with p = softmax(z / tau):   d log p(y) / d z_j = (1[j = y] - p_j) / tau.
     Both passes walk the rows in chunks of CHUNK_ROWS through one fp32 buffer, with in-place operations only. The
     gradient is returned in the logits' dtype (bf16 under autocast, as autograd would return it).
-        z = [[0, ln 3]], y = [1], tau = 1  ->  log p = ln(3/4) = -0.2877;  gradient for an upstream 1: [-0.25, 0.25]
+    with_entropy: the forward also returns H = -sum_j p_j log p_j = log Z - sum_j p_j z_j / tau (no gradient), from
+    the same chunks and a second buffer.
+        z = [[0, ln 3]], y = [1], tau = 1  ->  log p = ln(3/4) = -0.2877;  gradient for an upstream 1: [-0.25, 0.25];
+        H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
     """
 
     CHUNK_ROWS = 16  # 16 x 49k fp32 = 3 MB: small enough to stay in the allocator's pool, large enough to vectorise
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool = False):
         flat, ids = logits.reshape(-1, logits.size(-1)), token_ids.reshape(-1)  # [N, V], [N]
         buffer = TokenLogProbs._buffer(flat)
+        shifted = TokenLogProbs._buffer(flat) if with_entropy else None  # z / tau - max, kept past the exp
         log_z = torch.empty(flat.size(0), dtype=buffer.dtype, device=flat.device)  # [N]: logsumexp(z / tau)
+        entropy = torch.empty_like(log_z) if with_entropy else None  # [N]
         for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
             rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
             block = flat[rows]
             scaled = buffer[:block.size(0)].copy_(block).div_(temperature)  # z / tau
             shift = scaled.amax(dim=-1)  # subtract the row max before exp, so exp cannot overflow
-            log_z[rows] = scaled.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
+            scaled.sub_(shift.unsqueeze(1))
+            if with_entropy:
+                shifted[:block.size(0)].copy_(scaled)
+            total = scaled.exp_().sum(dim=-1)  # sum_j exp(z_j / tau - max)
+            log_z[rows] = total.log() + shift
+            if with_entropy:  # H = log(total) - sum_j exp(s_j) s_j / total, with s = z / tau - max
+                entropy[rows] = total.log() - shifted[:block.size(0)].mul_(scaled).sum(dim=-1) / total
         picked = flat.gather(1, ids.unsqueeze(1)).squeeze(1).to(buffer.dtype) / temperature  # z_y / tau
         ctx.save_for_backward(flat, ids, log_z)
         ctx.temperature, ctx.logits_shape = temperature, logits.shape
-        return (picked - log_z).view(token_ids.shape)
+        logp = (picked - log_z).view(token_ids.shape)
+        if not with_entropy:
+            return logp
+        entropy = entropy.view(token_ids.shape)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor):
+    def backward(ctx, grad_logp: torch.Tensor, *grad_entropy):  # the entropy has no gradient
         flat, ids, log_z = ctx.saved_tensors
         scale = grad_logp.reshape(-1, 1).to(log_z.dtype) / ctx.temperature  # [N, 1]: upstream gradient / tau
         buffer = TokenLogProbs._buffer(flat)
@@ -392,7 +411,7 @@ class TokenLogProbs(torch.autograd.Function):
             chunk.sub_(log_z[rows].unsqueeze(1)).exp_().mul_(-scale[rows])  # -p_j * g / tau
             chunk.scatter_add_(1, ids[rows].unsqueeze(1), scale[rows])  # + 1[j = y] * g / tau
             grad[rows] = chunk
-        return grad.view(ctx.logits_shape), None, None
+        return grad.view(ctx.logits_shape), None, None, None
 
     @staticmethod
     def _buffer(flat: torch.Tensor) -> torch.Tensor:
@@ -400,14 +419,30 @@ class TokenLogProbs(torch.autograd.Function):
         return torch.empty(min(TokenLogProbs.CHUNK_ROWS, flat.size(0)), flat.size(1), dtype=dtype, device=flat.device)
 
 
-def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """selective_log_softmax(logits / temperature, token_ids), computed by TokenLogProbs. [...] fp32."""
-    return TokenLogProbs.apply(logits, token_ids, temperature)
+def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                        with_entropy: bool = False):
+    """selective_log_softmax(logits / temperature, token_ids), computed by TokenLogProbs. [...] fp32. with_entropy:
+    (log-probs, entropies of softmax(logits / temperature)), the entropies without a gradient."""
+    return TokenLogProbs.apply(logits, token_ids, temperature, with_entropy)
 
 
 # ======================================================================================================================
-# 5. Rollout plumbing: micro-batches sized by a token budget; groups selected and joined (dynamic sampling)
+# 5. Rollout plumbing: EOS ids, decoding, micro-batches sized by a token budget, groups selected and joined
 # ======================================================================================================================
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion (generation_config may list several)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+    return sorted(set(ids))
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """Completion texts, with everything outside the mask (EOS and what follows) dropped."""
+    kept = completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long())
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
 def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list:
@@ -452,6 +487,29 @@ def micro_batch_tensors(ro, rows: list):
     return (prompt_ids[:, first_prompt_col:], prompt_mask[:, first_prompt_col:],
             completion_ids[:, :last_completion_col], mask[:, :last_completion_col], prompt_index,
             attention[:, :last_completion_col])
+
+
+def micro_batch_logps(model, ro, rows: list, cfg, device: torch.device, logps_fn: Callable, with_entropy: bool = False):
+    """For each token-budget micro-batch of `rows`: (positions into rows, loss mask [n, T], log-probs [n, T]), the
+    log-probs from logps_fn (grpo_mini.completion_logps or shared_prompt_logps) under autocast; with with_entropy
+    they are (log-probs, entropies), each [n, T]."""
+    for mb in micro_batches(ro, rows, cfg.max_tokens_per_micro_batch):
+        prompt_ids, prompt_mask, completion_ids, mask, prompt_index, attention = micro_batch_tensors(
+            ro, [rows[i] for i in mb])
+        with autocast(device, pick_dtype(cfg.dtype, device)):  # the forward only, not the loss
+            logps = logps_fn(model, prompt_ids, prompt_mask, completion_ids, attention, cfg.temperature,
+                             prompt_index=prompt_index, with_entropy=with_entropy)
+        yield mb, mask, logps
+
+
+@torch.no_grad()
+def compute_logps_for_rows(model, ro, rows: list, cfg, device: torch.device, logps_fn: Callable) -> torch.Tensor:
+    """No-grad per-token log-probs of `rows` under `model` (the reference model, or the policy before its update):
+    [len(rows), T], zero-padded to the rollout's width."""
+    out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
+    for mb, _, logps in micro_batch_logps(model, ro, rows, cfg, device, logps_fn):
+        out[mb, :logps.size(1)] = logps.float()
+    return out
 
 
 def select_groups(ro, groups: Sequence[int]):

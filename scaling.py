@@ -39,8 +39,8 @@ class MetricsLog:
 
     STEP_KEYS = [("reward", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("zero_std_frac", "zero_std", "{:.2f}"),
                  ("completion_len", "len", "{:.1f}"), ("truncated_frac", "trunc", "{:.2f}"), ("kl", "kl", "{:.4f}"),
-                 ("clip_frac", "clip", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("step_s", "s", "{:.1f}"),
-                 ("tokens_per_s", "tok/s", "{:.0f}")]
+                 ("clip_frac", "clip", "{:.3f}"), ("entropy", "ent", "{:.2f}"), ("grad_norm", "gnorm", "{:.3f}"),
+                 ("step_s", "s", "{:.1f}"), ("tokens_per_s", "tok/s", "{:.0f}")]
 
     def __init__(self, output_dir: Path, extra_keys=(), resume_step: Optional[int] = None, reporter=None):
         """A new log, or with resume_step the existing one cut back to the records of steps <= resume_step (a run
@@ -82,6 +82,27 @@ class MetricsLog:
             value = record.get(key)
             parts.append(f"{short} " + ("-" if value is None else fmt.format(value)))
         say(" | ".join(parts))
+
+
+def step_record(step: int, ro, stats: Optional[dict], extra: dict, seconds: float, lr: float, zero_std_frac: float,
+                accuracy: bool) -> dict:
+    """The step's RL signals, as metrics.jsonl has them (the README's table of logged keys). In GRPO the loss is
+    about 0 by construction (the ratio is 1 with one pass): reward, zero_std and the held-out accuracy show progress.
+    ro: grpo_mini's scored Rollout; stats: grpo_mini.accumulate_gradients' (None for a skipped step)."""
+    record = {
+        "step": step, "reward": ro.rewards.mean().item(),
+        "accuracy": (ro.rewards > 0).float().mean().item() if accuracy else None,  # right = reward > 0
+        "zero_std_frac": zero_std_frac,
+        "completion_len": ro.lengths.mean().item(), "truncated_frac": ro.truncated.float().mean().item(),
+        **{key: stats and stats[key] for key in ("kl", "clip_frac", "clip_low", "clip_high", "ratio", "loss",
+                                                 "grad_norm", "entropy", "is_ratio_mean", "is_ratio_min",
+                                                 "is_ratio_max", "sampler_kl")},
+        "step_s": seconds, "tokens_sampled": ro.completion_mask.sum().item(),
+        "tokens_trained": stats["tokens_trained"] if stats else 0.0, "lr": lr, "skipped": stats is None,
+        **extra,  # dynamic sampling's tokens_sampled (every group sampled) overrides the trained groups' count
+    }
+    record["tokens_per_s"] = record["tokens_sampled"] / seconds  # every generated token, kept or not
+    return record
 
 
 class SilentLog:
@@ -233,12 +254,25 @@ def sum_gradients_over_ranks(model, stats: Optional[dict], device: torch.device)
 
 
 def mean_record_over_ranks(record: dict, device: torch.device) -> dict:
-    """The step's logged numbers over all ranks: tokens summed, everything else averaged (None stays None)."""
-    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and k != "step")
-    totals = all_reduce_sum([record[k] for k in keys], device)
-    world = torch.distributed.get_world_size()
-    return {**record, **{k: t if k.startswith("tokens") else t / world for k, t in zip(keys, totals)}}
+    """The step's logged numbers over all ranks: tokens summed, *_min / *_max the min / max, everything else averaged
+    over the ranks that have it (a rank that trained no token has no entropy; None where no rank has a value)."""
+    keys = sorted(k for k, v in record.items() if (v is None or isinstance(v, (int, float)))
+                  and not isinstance(v, bool) and k != "step")  # the same keys on every rank; values may be None
+    have = [record[k] is not None for k in keys]
+    totals = all_reduce_sum([record[k] if ok else 0.0 for k, ok in zip(keys, have)] + have, device)
+    sums, counts = totals[:len(keys)], totals[len(keys):]
+    extremes = {k: record[k] for k in keys if k.endswith(("_min", "_max"))}
+    for name, op, missing in (("_min", torch.distributed.ReduceOp.MIN, math.inf),
+                              ("_max", torch.distributed.ReduceOp.MAX, -math.inf)):
+        picked = [k for k in extremes if k.endswith(name)]
+        if picked:
+            backend_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            tensor = torch.tensor([missing if extremes[k] is None else extremes[k] for k in picked],
+                                  dtype=torch.float64, device=backend_device)
+            torch.distributed.all_reduce(tensor, op=op)
+            extremes.update({k: v if math.isfinite(v) else None for k, v in zip(picked, tensor.tolist())})
+    merged = {k: None if not n else t if k.startswith("tokens") else t / n for k, t, n in zip(keys, sums, counts)}
+    return {**record, **merged, **extremes}
 
 
 # ======================================================================================================================

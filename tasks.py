@@ -280,3 +280,20 @@ class PromptOrder:
     def load_state_dict(self, state: dict) -> None:
         self.queue[:] = state["order"]
         self.rng.setstate(state["order_rng"])
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The question as the model sees it: through the chat template when the tokenizer has one."""
+    content = f"{question}\n{INSTRUCTION}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {content}\nAnswer:"
+
+
+def encode_prompts(tokenizer, problems: list, device: torch.device):
+    """The problems' prompts through the chat template, tokenized and left-padded: (ids, mask), each [B, P]."""
+    enc = tokenizer([format_prompt(tokenizer, p.prompt) for p in problems], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    return enc.input_ids, enc.attention_mask

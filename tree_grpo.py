@@ -103,6 +103,9 @@ class TreeConfig(Config):
             raise ConfigError("--data: tree_grpo.py has its own multi-turn task; --data is not used here")
         if self.dynamic_sampling:
             raise ConfigError("--dynamic_sampling is not supported by tree_grpo.py (its rollout replaces GRPO's)")
+        if self.importance_sampling_correction:
+            raise ConfigError("--importance_sampling_correction is not supported by tree_grpo.py (its episodes keep "
+                              "no sampler log-probs)")
 
     @property
     def rows_per_prompt(self) -> int:

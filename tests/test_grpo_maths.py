@@ -252,7 +252,7 @@ def trl_reference(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
 
 
 @pytest.mark.parametrize("loss_type, level, beta, eps_high", list(itertools.product(
-    g.LOSS_TYPES, g.IMPORTANCE_LEVELS, [0.0, 0.04], [None, 0.28])))
+    ("grpo", "bnpo", "dr_grpo", "dapo"), g.IMPORTANCE_LEVELS, [0.0, 0.04], [None, 0.28])))
 def test_policy_loss_matches_trl_transcription(loss_type, level, beta, eps_high):
     torch.manual_seed(1)
     N, T = 3, 4

@@ -92,7 +92,7 @@ def test_sampler_logps_equal_a_recomputed_forward(tiny_model, tiny_tokenizer, en
     cfg = g.Config(num_generations=4, max_completion_length=10, temperature=0.7, dtype="fp32", engine=engine_name)
     problems, _, _ = _prompts(tiny_tokenizer, 2)
     ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, CPU)
-    recomputed = g.compute_logps_for_rows(tiny_model, ro, list(range(8)), cfg, CPU)
+    recomputed = g.compute_logps_for_rows(tiny_model, ro, list(range(8)), cfg, CPU, g.logps_fn(cfg))
     mask = ro.completion_mask
     assert mask.sum() > 8  # the samples are more than their first tokens
     assert torch.allclose(ro.sampling_logps * mask, recomputed * mask, atol=1e-5)

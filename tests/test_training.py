@@ -285,9 +285,9 @@ def test_reference_logps_with_micro_batches_match_one_batch(tiny_model, tiny_tok
     ref = copy.deepcopy(tiny_model)
     rows = list(range(12))
     one = g.compute_logps_for_rows(ref, ro, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 10**6}),
-                                   torch.device("cpu"))
+                                   torch.device("cpu"), g.logps_fn(cfg))
     many = g.compute_logps_for_rows(ref, ro, rows, g.Config(**{**vars(cfg), "max_tokens_per_micro_batch": 30}),
-                                    torch.device("cpu"))
+                                    torch.device("cpu"), g.logps_fn(cfg))
     assert torch.allclose(one * ro.completion_mask, many * ro.completion_mask, atol=1e-5)
 
 
