@@ -133,8 +133,8 @@ class Config(RunConfig):
     """AdamW learning rate (its peak, after warm-up; see --lr_scheduler_type)"""
     warmup_steps: int = 3
     """linear learning-rate warm-up, in optimiser steps"""
-    lr_scheduler_type: str = "constant"
-    """after warm-up: constant | linear (TRL's default: decays linearly to 0 over the run's optimiser steps)"""
+    lr_scheduler_type: str = "linear"
+    """after warm-up: linear (TRL's default: decays to 0 over the run's optimiser steps) | constant"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0

@@ -78,6 +78,8 @@ PRESETS = {  # flags shared by every method; GFPO then doubles num_generations a
             "max_completion_length": 256, "num_eval_problems": 256, "eval_every": 20,
             "max_tokens_per_micro_batch": 16384},
 }
+for _preset in PRESETS.values():  # the constant learning rate their results in RESULTS.md were measured with; the
+    _preset["lr_scheduler_type"] = "constant"  # scripts' default is linear decay since 2026-12-04
 DEFAULT_METHODS = ["grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
 PRESET_METHODS = {"cold_start": ["grpo", "gfpo_shortest", "gfpo_token_efficiency", "gfpo_adaptive"],
                   "tree": ["chain_multiturn", "tree_grpo"]}
