@@ -563,11 +563,11 @@ def policy_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: 
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
-    with torch.no_grad():  # clip_high counts cispo's cap; sapo has no hard clip
+    with torch.no_grad():  # clip_high counts cispo's cap (rho > epsilon_high); sapo has no hard clip
         masked_mean = lambda x: ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()  # noqa: E731
-        full_ratio = ratio.expand_as(mask)
-        low = ((full_ratio < 1 - eps_low) & (adv < 0) & (loss_type not in ("cispo", "sapo"))).float()
-        high = ((full_ratio > eps_high + (loss_type != "cispo")) & (adv > 0) & (loss_type != "sapo")).float()
+        full_ratio, cap = ratio.expand_as(mask), (eps_high if loss_type == "cispo" else 1 + eps_high)
+        low = ((full_ratio < 1 - eps_low) & (adv < 0)).float() * (loss_type not in ("cispo", "sapo"))
+        high = ((full_ratio > cap) & (adv > 0)).float() * (loss_type != "sapo")
         stats = {"kl": None if kl is None else masked_mean(kl), "clip_low": masked_mean(low),
                  "clip_high": masked_mean(high), "clip_frac": masked_mean(torch.maximum(low, high)),
                  "ratio": masked_mean(full_ratio)}

@@ -219,11 +219,11 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_sum(values: list, device: torch.device) -> list:
-    """Sum a few numbers over all ranks (one collective)."""
+def all_reduce_sum(values: list, device: torch.device, op=None) -> list:
+    """Sum a few numbers over all ranks (one collective); op=torch.distributed.ReduceOp.MAX takes their maximum."""
     backend_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=backend_device)
-    torch.distributed.all_reduce(tensor)
+    torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
     return tensor.tolist()
 
 
@@ -261,18 +261,13 @@ def mean_record_over_ranks(record: dict, device: torch.device) -> dict:
     have = [record[k] is not None for k in keys]
     totals = all_reduce_sum([record[k] if ok else 0.0 for k, ok in zip(keys, have)] + have, device)
     sums, counts = totals[:len(keys)], totals[len(keys):]
-    extremes = {k: record[k] for k in keys if k.endswith(("_min", "_max"))}
-    for name, op, missing in (("_min", torch.distributed.ReduceOp.MIN, math.inf),
-                              ("_max", torch.distributed.ReduceOp.MAX, -math.inf)):
-        picked = [k for k in extremes if k.endswith(name)]
-        if picked:
-            backend_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            tensor = torch.tensor([missing if extremes[k] is None else extremes[k] for k in picked],
-                                  dtype=torch.float64, device=backend_device)
-            torch.distributed.all_reduce(tensor, op=op)
-            extremes.update({k: v if math.isfinite(v) else None for k, v in zip(picked, tensor.tolist())})
+    extremes = [k for k in keys if k.endswith(("_min", "_max"))]
+    signs = [-1.0 if k.endswith("_min") else 1.0 for k in extremes]  # min(x) = -max(-x): one MAX for both kinds
+    peaks = all_reduce_sum([-math.inf if record[k] is None else s * record[k] for k, s in zip(extremes, signs)],
+                           device, op=torch.distributed.ReduceOp.MAX)
     merged = {k: None if not n else t if k.startswith("tokens") else t / n for k, t, n in zip(keys, sums, counts)}
-    return {**record, **merged, **extremes}
+    merged.update({k: s * v if math.isfinite(v) else None for k, s, v in zip(extremes, signs, peaks)})
+    return {**record, **merged}
 
 
 # ======================================================================================================================
