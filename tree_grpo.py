@@ -31,6 +31,9 @@ Run it (the first command is the one the README quotes; `--no-tree` is the chain
     python tree_grpo.py                      # Tree-GRPO, M=2 N=2 L=1 K=3 (the authors' setting)
     python tree_grpo.py --no-tree            # chain-based multi-turn GRPO, 5 chains per prompt
     python benchmarks/compare.py --preset tree --methods chain_multiturn tree_grpo   # both; table and plot
+    python tree_grpo.py --hops 3 --people_per_world 6 --hinted_share 0.25 --max_turns 5   # the harder setting
+    python benchmarks/tree_compare.py --seeds 0 1 2   # on it: trees, chains at the trees' token budget
+        # (--no-tree --tokens_per_step), and trees with the chains' advantage (--tree_advantage inter)
 
 What you will see: held-out success at step 0, one line per step (success, turns, generated tokens), evaluations,
 and `held-out accuracy: BEFORE -> AFTER` (here accuracy means success rate). Everything else (the loss, the
@@ -72,8 +75,18 @@ class TreeConfig(Config):
     """K: leaves sampled per tree as training rows (authors: 3); at most 1 + N x L"""
     num_generations: int = 5
     """chains per prompt with --no-tree. Measured, four chains generate 0.80x the tokens of the M=2, N=2, L=1 trees and five chains 1.16x (docs/RESULTS.md); 5 is the nearer. Ignored by the tree, whose rows per prompt are M x K"""
+    hops: int = 2
+    """searches a question needs: 2 asks "Where does Ava's friend live?", 3 "Where does the friend of Ava's friend live?" (a chain of friends, then a city); the answer takes one more turn"""
+    people_per_world: int = 4
+    """people in each question's world: the chain of --hops friends, and the rest, who only live somewhere (distractors)"""
+    hinted_share: float = 0.5
+    """share of questions whose entries say whom to search next (the curriculum: see HINTED_SHARE)"""
+    tokens_per_step: int = 0
+    """--no-tree only: a budget of generated tokens per step. Chains are sampled one per prompt at a time, after the first --num_generations, until the step has spent the budget (to the nearest half chain); 0: always --num_generations. benchmarks/tree_compare.py sets it to the trees' mean, so both spend the same tokens"""
+    tree_advantage: str = "inter_intra"
+    """inter_intra: Tree-GRPO's A_inter + A_intra. inter: only A_inter, the leaf's reward standardised over its prompt's leaves, i.e. the chains' advantage on tree rollouts (the ablation that separates the rollout from the credit)"""
     max_turns: int = 4
-    """turns per episode at most; an episode without an answer by then gets reward 0"""
+    """turns per episode at most; an episode without an answer by then gets reward 0. At least --hops + 1"""
     max_turn_tokens: int = 24
     """new tokens per turn at most (a thought and a tool call)"""
     max_completion_length: int = 96
@@ -97,6 +110,21 @@ class TreeConfig(Config):
         if self.leaves_per_tree > leaves:
             raise ConfigError(f"--leaves_per_tree must be <= 1 + nodes_per_expansion x expansion_rounds = {leaves}, "
                               f"the leaves a tree has (got {self.leaves_per_tree})")
+        if self.max_turns < self.hops + 1:
+            raise ConfigError(f"--max_turns must be >= --hops + 1 = {self.hops + 1}: {self.hops} searches and the "
+                              f"answer (got {self.max_turns})")
+        if not 2 <= self.hops < self.people_per_world <= min(len(PEOPLE), self.hops + len(CITIES) - 1):
+            raise ConfigError(f"--hops and --people_per_world need 2 <= hops < people_per_world <= {len(PEOPLE)}, "
+                              f"with a city for each person outside the chain (got {self.hops} and "
+                              f"{self.people_per_world})")
+        if not 0.0 <= self.hinted_share <= 1.0:
+            raise ConfigError(f"--hinted_share must be in [0, 1] (got {self.hinted_share})")
+        if self.tree_advantage not in TREE_ADVANTAGES:
+            raise ConfigError(f"--tree_advantage must be one of {', '.join(TREE_ADVANTAGES)} "
+                              f"(got {self.tree_advantage!r})")
+        if self.tokens_per_step < 0 or (self.tokens_per_step and self.tree):
+            raise ConfigError("--tokens_per_step must be >= 0, and is for the chains (--no-tree) only: the trees' "
+                              "cost is set by --num_trees, --nodes_per_expansion and --expansion_rounds")
         if self.tree and self.num_trees * self.leaves_per_tree < 2:
             raise ConfigError("--num_trees x --leaves_per_tree must be >= 2: a prompt needs two rows to compare")
         if self.data is not None:
@@ -112,21 +140,28 @@ class TreeConfig(Config):
         return self.num_trees * self.leaves_per_tree if self.tree else self.num_generations
 
 
+TREE_ADVANTAGES = ("inter_intra", "inter")
+
+
 # ======================================================================================================================
 # 2. The environment: a small world of people, friends and cities, and a search tool
 # ======================================================================================================================
 # Every question is generated from a seed, so there is nothing to download and the train/eval split is reproducible.
-# A world is four people. The asked person's entry names their friend; every other entry gives a city. So the first
-# search gives no city to copy, and only a second search, of the friend, gives the answer: the task needs both hops
-# (a distractor city sits in the entries of the other two people, for a model that searches the wrong name).
+# A world is --people_per_world people. The asked person's entry names their friend, whose entry names the next
+# friend, --hops people in all; the last of them lives in the city asked for, and every other person in some other
+# city. So no search but the last gives the answer: the task needs every hop (a distractor city sits in the entries of
+# the other people, for a model that searches the wrong name). The default, 2 hops among 4 people:
+#     Where does Ava's friend live?   Ava: "Ava's friend is Ben."   Ben: "Ben lives in Oslo."
+# The harder setting (benchmarks/tree_compare.py), 3 hops among 6 people, a quarter of them hinted:
+#     Where does the friend of Ava's friend live?   Ava -> Ben -> Chloe: "Chloe lives in Oslo."   (four turns)
 
 PEOPLE = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar", "Nina",
           "Paul", "Rosa", "Sam"]
 CITIES = ["Oslo", "Rome", "Lima", "Seoul", "Dublin", "Quito", "Vienna", "Lagos", "Perth", "Riga", "Tunis", "Zurich"]
 # The curriculum. Without help, SmolLM2-135M answers after ONE search (1% of sampled episodes succeed: too few for
 # RL to learn from in minutes); when the first result says whom to search next, it succeeds every time (greedy
-# 48/48). So half of the worlds' entries carry that hint and half do not: the hinted half gives the early reward,
-# and the un-hinted half is what there is to learn.
+# 48/48). So by default half of the worlds' entries carry that hint and half do not (--hinted_share): the hinted
+# half gives the early reward, and the un-hinted half is what there is to learn.
 HINTED_SHARE = 0.5
 TOOL_INSTRUCTIONS = ("Find the answer with the search tool. In each turn, write one line: search: NAME (to look a "
                      "person up), or answer: CITY (your final answer).")
@@ -160,26 +195,37 @@ class Quest:
         return f"Result: nothing found for {name}."
 
 
-def make_quest(rng: random.Random) -> Quest:
-    asked, friend, *others = rng.sample(PEOPLE, 4)
-    cities = rng.sample(CITIES, 3)
-    hint = f" Search {friend} to find where {friend} lives." if rng.random() < HINTED_SHARE else ""
-    facts = {asked: f"{asked}'s friend is {friend}.{hint}", friend: f"{friend} lives in {cities[0]}.",
-             others[0]: f"{others[0]} lives in {cities[1]}.", others[1]: f"{others[1]} lives in {cities[2]}."}
-    return Quest(prompt=f"Where does {asked}'s friend live?", answer=cities[0], facts=facts)
+def make_quest(rng: random.Random, hops: int = 2, people: int = 4, hinted_share: float = HINTED_SHARE) -> Quest:
+    """One question: `hops` people in a chain of friends, the last of whom lives in the answer city, among `people`.
+    (The random draws are made in the same order for every setting, so the default's questions never changed.)"""
+    names = rng.sample(PEOPLE, people)
+    chain, others = names[:hops], names[hops:]
+    cities = rng.sample(CITIES, 1 + len(others))
+    hinted = rng.random() < hinted_share
+    facts = {}
+    for person, friend in zip(chain, chain[1:]):
+        goal = f"where {friend} lives" if friend == chain[-1] else f"{friend}'s friend"
+        facts[person] = f"{person}'s friend is {friend}." + (f" Search {friend} to find {goal}." if hinted else "")
+    facts[chain[-1]] = f"{chain[-1]} lives in {cities[0]}."
+    for person, city in zip(others, cities[1:]):
+        facts[person] = f"{person} lives in {city}."
+    return Quest(prompt=f"Where does {'the friend of ' * (hops - 2)}{chain[0]}'s friend live?", answer=cities[0],
+                 facts=facts)
 
 
-def make_quest_split(seed: int, num_train: int, num_eval: int) -> tuple:
-    """Seeded train/eval split; no held-out question (with its world) appears in training."""
+def make_quest_split(seed: int, num_train: int, num_eval: int, **setting) -> tuple:
+    """Seeded train/eval split; no held-out question (with its world) appears in training. setting: make_quest's
+    hops, people and hinted_share."""
     rng = random.Random(seed)
+    make = lambda rng: make_quest(rng, **setting)  # noqa: E731
     key = lambda q: (q.prompt, tuple(sorted(q.facts.items())))  # noqa: E731
     eval_set = {}
     while len(eval_set) < num_eval:
-        q = make_quest(rng)
+        q = make(rng)
         eval_set.setdefault(key(q), q)
     train = []
     while len(train) < num_train:
-        q = make_quest(rng)
+        q = make(rng)
         if key(q) not in eval_set:
             train.append(q)
     return train, list(eval_set.values())
@@ -368,10 +414,30 @@ def grow_trees(sampler, fmt: EpisodeFormat, quests: list, cfg: TreeConfig, devic
 
 
 def run_chains(sampler, fmt: EpisodeFormat, quests: list, cfg: TreeConfig, device: torch.device) -> list:
-    """The baseline's rollout: G independent episodes per prompt, each its own one-leaf tree."""
-    chains = [Episode(q, tree=i) for q in quests for i in range(cfg.num_generations)]
-    run_episodes(sampler, fmt, chains, cfg, device, next_node=[0])
-    return chains
+    """The baseline's rollout: G independent episodes per prompt, each its own one-leaf tree, prompt by prompt.
+
+    With --tokens_per_step B, G is set by the budget: after the first --num_generations chains per prompt, one more
+    chain per prompt is sampled while the step's generated tokens t, plus half a chain per prompt at the mean cost
+    so far, stay below B: stop once t + (t / G) / 2 >= B. So on average the step spends B, neither always over it
+    (stopping only after reaching it) nor always under it. Every prompt gets the same G."""
+    per_prompt = [[] for _ in quests]  # [prompt] -> its chains
+
+    def play(count: int) -> None:  # `count` more chains for every prompt, in one batch of episodes
+        wave = [[Episode(q, tree=len(chains) + i) for i in range(count)] for q, chains in zip(quests, per_prompt)]
+        run_episodes(sampler, fmt, [e for chains in wave for e in chains], cfg, device, next_node=[0])
+        for chains, new in zip(per_prompt, wave):
+            chains += new
+
+    play(cfg.num_generations)
+    G = cfg.num_generations
+    spent = lambda: sum(e.generated_tokens for chains in per_prompt for e in chains)  # noqa: E731
+    while cfg.tokens_per_step and G < MAX_CHAINS and spent() + spent() / G / 2 < cfg.tokens_per_step:
+        play(1)
+        G += 1
+    return [e for chains in per_prompt for e in chains]  # the rows of a prompt contiguous
+
+
+MAX_CHAINS = 32  # chains per prompt at most under --tokens_per_step, so that one step's memory stays bounded
 
 
 @dataclass
@@ -417,12 +483,13 @@ def multi_turn_rollout(model, tokenizer, batch: list, cfg: TreeConfig, device: t
         every_leaf = [leaf for per_prompt in trees for tree in per_prompt for leaf in tree]
     else:
         rows = every_leaf = run_chains(sampler, fmt, batch, cfg, device)
-    ro = episodes_to_rollout(rows, fmt, cfg.rows_per_prompt, device)
+    ro = episodes_to_rollout(rows, fmt, len(rows) // len(batch), device)
     return ro, {
         "accuracy": sum(e.reward for e in rows) / len(rows),  # success rate of the trained rows
         "turns": sum(len(e.turns) for e in rows) / len(rows),
         # every token the model generated this step, in leaves that were not sampled too: the rollout's cost
         "tokens_sampled": sum(e.generated_tokens for e in every_leaf),
+        "rows_per_prompt": len(rows) // len(batch),  # M x K trees' leaves, or G chains (set by --tokens_per_step)
     }
 
 
@@ -471,11 +538,17 @@ def tree_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, tree_inde
 
 
 def tree_advantage_fn(cfg: TreeConfig):
-    """grpo_mini's advantage hook: tree_advantages with --tree, GRPO's group advantage with --no-tree."""
+    """grpo_mini's advantage hook: tree_advantages with --tree, GRPO's group advantage with --no-tree. With
+    --tree_advantage inter, the trees' rows get A_inter alone: each leaf's reward standardised over its prompt's
+    leaves, as a chain's is over its prompt's chains (with the trees' Bessel std and eps = 1e-6). Comparing it with
+    the full tree run shows what the tree's own credit (A_intra) adds; comparing it with the chains shows what the
+    tree rollout adds."""
     def advantages(ro: TreeRollout):
         if not cfg.tree:
             return group_advantages(ro.rewards, ro.num_generations, cfg.scale_rewards, baseline=cfg.baseline), {}
         prompt_index = torch.arange(ro.rewards.numel(), device=ro.rewards.device) // ro.num_generations
+        if cfg.tree_advantage == "inter":
+            return standardise_within(ro.rewards.float(), prompt_index), {}
         return tree_advantages(ro.rewards, prompt_index, ro.tree_index), {}
     return advantages
 
@@ -500,10 +573,11 @@ def evaluate_episodes(model, tokenizer, quests: list, cfg: TreeConfig, device: t
 
 
 def build_quests(cfg: TreeConfig) -> tuple:
-    return make_quest_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems)
+    return make_quest_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems, hops=cfg.hops,
+                            people=cfg.people_per_world, hinted_share=cfg.hinted_share)
 
 
-TREE_LOG_KEYS = [("turns", "turns", "{:.2f}")]
+TREE_LOG_KEYS = [("turns", "turns", "{:.2f}"), ("rows_per_prompt", "rows", "{:d}")]
 TREE_HOOKS = dict(advantage_fn=tree_advantage_fn, rollout_fn=multi_turn_rollout, evaluate_fn=evaluate_episodes,
                   task_fn=build_quests, extra_log_keys=TREE_LOG_KEYS)
 

@@ -64,6 +64,9 @@ METHODS = {  # name -> (script, flags that make the method)
     # the multi-turn tool-use task of tree_grpo.py: chains (the baseline) and trees, with the tree preset
     "chain_multiturn": ("tree_grpo.py", ["--no-tree"]),
     "tree_grpo": ("tree_grpo.py", []),
+    # benchmarks/tree_compare.py's: chains at the trees' token budget (it adds --tokens_per_step), and the ablation
+    "chains_equal_tokens": ("tree_grpo.py", ["--no-tree"]),
+    "tree_inter": ("tree_grpo.py", ["--tree_advantage", "inter"]),
 }
 PRESETS = {  # flags shared by every method; GFPO then doubles num_generations and keeps the original G
     "cpu": {"task": "arithmetic", "reward": "signed", "max_steps": 20, "prompts_per_step": 4, "num_generations": 8,

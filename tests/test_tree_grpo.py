@@ -167,7 +167,7 @@ def test_bad_tree_flags_fail_before_any_model_loads():
 def test_tree_grpo_smoke_two_steps(tiny_model_dir, tmp_path, extra):
     out = tmp_path / "run"
     result = run_script("tree_grpo.py", "--model", tiny_model_dir, "--output_dir", out, *TINY_RUN_FLAGS,
-                        "--max_turns", "2", "--max_turn_tokens", "6", "--num_eval_problems", "2", *extra)
+                        "--max_turns", "3", "--max_turn_tokens", "6", "--num_eval_problems", "2", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert sum(line.startswith("step ") for line in lines) == 2
