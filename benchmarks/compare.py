@@ -292,6 +292,14 @@ def pyplot():
     return plt
 
 
+def save_figure(plt, figure, path: Path) -> bool:
+    """Lay out, write and close a figure; True (the plot functions' "drawn")."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
     """One panel per (metrics key, title): per-step curves, each method's mean over seeds with a ± one std band.
     runs: {label: [{"records": metrics.jsonl records}, ...one per seed]}. False when matplotlib is missing.
@@ -315,10 +323,7 @@ def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return save_figure(plt, figure, path)
 
 
 def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
@@ -339,10 +344,7 @@ def plot_accuracy_vs_length(runs: dict, path: Path) -> bool:
     axis.set_ylabel("held-out greedy accuracy")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return save_figure(plt, figure, path)
 
 
 def parse_overrides(pairs: list) -> dict:

@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tree_grpo  # noqa: E402
-from benchmarks.compare import mean_std, parse_overrides, pyplot, run_method  # noqa: E402
+from benchmarks.compare import mean_std, parse_overrides, pyplot, run_method, save_figure  # noqa: E402
 
 # The harder setting, fixed from `probe` before any training run (docs/RESULTS.md has the probe's table). One slack turn
 # as in the default (4 turns for 2 hops); max_completion_length = max_turns x max_turn_tokens, dr_grpo's normaliser.
@@ -186,10 +186,7 @@ def plot(runs: dict, path: Path) -> bool:
         axis.set_ylabel("held-out success (greedy)")
         axis.grid(alpha=0.3)
     by_tokens.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    return save_figure(plt, figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
