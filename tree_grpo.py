@@ -577,7 +577,7 @@ def build_quests(cfg: TreeConfig) -> tuple:
                             people=cfg.people_per_world, hinted_share=cfg.hinted_share)
 
 
-TREE_LOG_KEYS = [("turns", "turns", "{:.2f}"), ("rows_per_prompt", "rows", "{:d}")]
+TREE_LOG_KEYS = [("turns", "turns", "{:.2f}"), ("rows_per_prompt", "rows", "{:g}")]
 TREE_HOOKS = dict(advantage_fn=tree_advantage_fn, rollout_fn=multi_turn_rollout, evaluate_fn=evaluate_episodes,
                   task_fn=build_quests, extra_log_keys=TREE_LOG_KEYS)
 
