@@ -120,3 +120,16 @@ def test_tree_compare_end_to_end(tiny_model_dir, tmp_path):
         (out / "chains_equal_tokens_seed0" / "config.json").read_text())
     assert flags["tokens_per_step"] == round(tree["tokens_per_step"]) and flags["tree"] is False
     assert "| tree_inter |" in (out / "results.md").read_text()
+
+
+def test_tree_compare_probe_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "probe"
+    result = run_script("benchmarks/tree_compare.py", "probe", "--model", tiny_model_dir, "--questions", "2",
+                        "--settings", "2h4p50", "3h6p25", "--output_dir", out, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["2h4p50", "3h6p25"]
+    for r in summary.values():
+        assert 0 <= r["sampled_success"] <= 1 and 0 <= r["mixed_groups"] <= 1 and r["tokens_per_chain"] > 0
+        assert r["tree_cost_in_chains"] > 0
+    assert "| 3h6p25 |" in (out / "results.md").read_text()
