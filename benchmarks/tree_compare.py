@@ -267,7 +267,7 @@ def main() -> int:
         return 0
     settings = {**HARD, **parse_overrides(args.set)}
     try:
-        tree_grpo.TreeConfig(**{k: v for k, v in settings.items()}).validate()
+        tree_grpo.TreeConfig(**settings).validate()
     except (tree_grpo.ConfigError, TypeError) as err:
         raise SystemExit(f"error: --set: {err}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,8 @@ def test_tree_compare_end_to_end(tiny_model_dir, tmp_path):
     assert 0 <= tree["auc"] <= 1 and tree["auc_budget"] == min(tree["tokens_total"], chains["tokens_total"],
                                                               inter["tokens_total"])
     assert inter["rows_per_prompt"] == 6 and chains["rows_per_prompt"] >= 3
-    flags = (out / "chains_equal_tokens_seed0.log").exists() and json.loads(
-        (out / "chains_equal_tokens_seed0" / "config.json").read_text())
+    assert (out / "chains_equal_tokens_seed0.log").exists()
+    flags = json.loads((out / "chains_equal_tokens_seed0" / "config.json").read_text())
     assert flags["tokens_per_step"] == round(tree["tokens_per_step"]) and flags["tree"] is False
     assert "| tree_inter |" in (out / "results.md").read_text()
 
