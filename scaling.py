@@ -6,6 +6,8 @@
                  whole step (the normalisers are summed first); only rank 0 writes, prints, evaluates and saves
     LoRA         --lora_r: low-rank adapters through peft; the KL term's reference is the model with them off
 harness.Run calls the first three; grpo_step calls step_totals and sum_gradients_over_ranks (no-ops in one process).
+It is the lowest of our modules (it imports none of them), so it also holds what every module above shares: the
+ConfigError that bad input raises, say(), and the standard streams that never stop a save (guard_std_streams).
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from typing import Optional
 import torch
 
 # ======================================================================================================================
-# 1. metrics.jsonl: one record per step and per evaluation, and the printed line
+# 0. What every module shares: the one-line error, and output that cannot stop a run
 # ======================================================================================================================
+
+
+class ConfigError(ValueError):
+    """Bad user input (a flag or a data file), or a file the run cannot write. The CLI prints it as one line and
+    exits 2; raised before any model loads wherever the input allows."""
 
 
 def say(message: str = "", file=None) -> None:
@@ -32,6 +39,53 @@ def say(message: str = "", file=None) -> None:
         print(message, file=file or sys.stdout, flush=True)
     except (OSError, ValueError):
         pass
+
+
+class SafeStream:
+    """sys.stdout or sys.stderr that never raises. The first write or flush that fails (the reader of a pipe has
+    gone: `2>&1 | head -2`, a `| tee` killed before us; or the stream is closed) points the stream, and its file
+    descriptor, at /dev/null for the rest of the process. What a library prints on the save path (transformers'
+    "Writing model shards" bar, a warning) then cannot turn a checkpoint into a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream if stream is not None else open(os.devnull, "w")  # `2>&-` leaves sys.stderr None
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        try:  # the descriptor too: C code, logging handlers that hold the old stream, and its flush at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the wrapped stream's
+        return getattr(self._stream, name)
+
+
+def guard_std_streams() -> None:
+    """Make sys.stdout and sys.stderr SafeStreams, once per process. Writes that succeed are unchanged."""
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), SafeStream):
+            setattr(sys, name, SafeStream(getattr(sys, name)))
+
+
+# ======================================================================================================================
+# 1. metrics.jsonl: one record per step and per evaluation, and the printed line
+# ======================================================================================================================
 
 
 class MetricsLog:
@@ -56,8 +110,6 @@ class MetricsLog:
                     if line.strip() and json.loads(line)["step"] <= resume_step:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError) as err:
-                    from harness import ConfigError  # imported here: harness imports this module
-
                     raise ConfigError(f"--resume: {self.path}:{line_no} is not a metrics record "
                                       f"({type(err).__name__}); delete that line, then --resume again") from None
         self.path.write_text("".join(line + "\n" for line in kept))
@@ -66,8 +118,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         # NaN and inf are not JSON: write them as null, so that every line parses with a strict reader
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as err:  # a full disk: one line; the run's exit path still tries to save the checkpoint
+            raise ConfigError(f"could not write {self.path} ({err.strerror or err}): free some space, then --resume"
+                              ) from None
         if self.reporter is not None:
             self.reporter.log(record)
 
@@ -294,8 +350,6 @@ def add_lora(model, cfg):
                           target_modules=targets, task_type="CAUSAL_LM")
         return get_peft_model(model, lora)
     except ValueError as err:  # e.g. a module name the model does not have
-        from harness import ConfigError  # imported here: harness imports this module
-
         raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules}: {str(err).splitlines()[0]}") from None
 
 

@@ -21,7 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
 
-from harness import ConfigError
+from scaling import ConfigError
 
 NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies", "cards"]
@@ -115,12 +115,13 @@ def make_arithmetic_split(seed: int, num_train: int, num_eval: int,
     return train, list(eval_set.values())
 
 
-def load_jsonl_problems(path: str) -> list[Problem]:
+def load_jsonl_problems(path: str, prompt_column: str = "prompt", answer_column: str = "answer",
+                        flag: str = "--data") -> list[Problem]:
     """Read {"prompt": str, "answer": number-or-text} rows (e.g. GSM8K, whose answers end in "#### 72"): a text
-    answer is read by extract_final_number. Every line is checked; errors name the file and the line."""
+    answer is read by read_answer. Every line is checked; errors name the file and the line."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--data {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     rows = []
     with file.open("rb") as handle:  # bytes, decoded line by line, so that a bad byte is reported with its line
         for line_no, raw_line in enumerate(handle, start=1):
@@ -136,19 +137,144 @@ def load_jsonl_problems(path: str) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
-                raise ConfigError(f'{where}: expected an object with a string "prompt" and an "answer"')
-            raw = row["answer"]
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # a JSON number: take it as it is
-                answer = float(raw) if math.isfinite(raw) else None      # (str(1e-05) would read as -5)
-            else:
-                answer = extract_final_number(str(raw))
-            if answer is None:
-                raise ConfigError(f'{where}: "answer" has no number in it ({row["answer"]!r})')
-            rows.append(Problem(prompt=row["prompt"], answer=answer, source=where))
+            if not isinstance(row, dict):
+                raise ConfigError(f'{where}: expected an object with a string "{prompt_column}" and an '
+                                  f'"{answer_column}"')
+            rows.append(problem_from_row(row, prompt_column, answer_column, where))
     if len(rows) < 2:
-        raise ConfigError(f"--data {path}: needs at least 2 rows (found {len(rows)})")
+        raise ConfigError(f"{flag} {path}: needs at least 2 rows (found {len(rows)})")
     return rows
+
+
+def problem_from_row(row: dict, prompt_column: str, answer_column: str, where: str) -> Problem:
+    """One Problem from a row of --data, or one line naming `where` (file:line, or name[row]) and what is wrong."""
+    if not isinstance(row.get(prompt_column), str) or answer_column not in row:
+        raise ConfigError(f'{where}: expected a string "{prompt_column}" and an "{answer_column}" (--prompt_column '
+                          f'and --answer_column choose the columns)')
+    answer = read_answer(row[answer_column], where)
+    if answer is None:
+        raise ConfigError(f'{where}: "{answer_column}" has no number in it ({row[answer_column]!r})')
+    return Problem(prompt=row[prompt_column], answer=answer, source=where)
+
+
+def read_answer(raw, where: str) -> Optional[float]:
+    """A --data row's answer: a JSON number as it is; a string that is one number, scientific notation included, as
+    float() reads it; other text by its last number (extract_final_number: GSM8K's "... #### 72" -> 72). Text with
+    scientific notation inside it is refused in one line naming `where`, since the last-number rule would read the
+    exponent ("about 2.5e3" -> 3). None: no number.
+        7 -> 7.0;  "2.5e3" -> 2500.0;  "1.5e-2" -> 0.015;  "3 + 4 = 7 apples. #### 7" -> 7.0;  "about 1e3" -> ConfigError
+    GSM8K's answers end in "#### <number>": only what follows the last "####" is read."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # a JSON number (str(1e-05) would read as -5)
+        return float(raw) if math.isfinite(raw) else None
+    text = str(raw).rsplit("####", 1)[-1].strip().replace(",", "")  # GSM8K: the worked answer, then "#### 72"
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    if re.search(r"\d[eE][-+]?\d", text):
+        raise ConfigError(f'{where}: "answer" {raw!r} has a number in scientific notation inside text; write the '
+                          f"number alone (\"2.5e3\") or in full (2500)")
+    return extract_final_number(text)
+
+
+# --data and --eval_data through the `datasets` package: a hub name, a save_to_disk directory, or a parquet / JSON /
+# CSV file. A .jsonl file is read by load_jsonl_problems above, which needs nothing and names file:line in its errors.
+DATASET_FILES = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
+
+
+@dataclass
+class DataConfig:
+    """your own data (tasks.py): prompts and answers instead of a built-in --task"""
+    support_flags = True  # not a field: harness.build_parser lists this group after the algorithm's
+    data: Optional[str] = None
+    """training problems instead of the built-in --task: a .jsonl file of {"prompt": str, "answer": number or text}
+    rows (GSM8K's "... #### 72" answers included), or through `datasets` (pip install datasets) a hub name
+    (openai/gsm8k), a directory saved with save_to_disk, or a .parquet, .json or .csv file"""
+    data_config: Optional[str] = None
+    """the dataset's configuration name, for a hub dataset that has several (openai/gsm8k: main)"""
+    data_split: str = "train"
+    """the split of --data to train on (a hub name or a saved DatasetDict)"""
+    prompt_column: str = "prompt"
+    """the column (JSON key) that holds the question; GSM8K: question"""
+    answer_column: str = "answer"
+    """the column that holds the answer: a number, or text whose last number is the answer, or what follows GSM8K's '####'"""
+    eval_data: Optional[str] = None
+    """a held-out set separate from the training data, in --data's forms (then nothing is held out of --data):
+    --num_eval_problems of its rows, drawn with --seed; default: --num_eval_problems rows held out of --data"""
+    eval_data_split: str = "test"
+    """the split of --eval_data (a hub name or a saved DatasetDict)"""
+
+    def validate(self) -> None:
+        if self.eval_data is not None and self.eval_data == self.data and self.eval_data_split == self.data_split:
+            raise ConfigError(f"--eval_data {self.eval_data}: the same split ({self.data_split}) as --data; a "
+                              f"held-out set must be separate (or leave --eval_data out to hold rows out of --data)")
+        super().validate()
+
+
+def load_problems(source: str, split: str, prompt_column: str, answer_column: str, data_config: Optional[str] = None,
+                  flag: str = "--data") -> list[Problem]:
+    """Problems from any form --data takes (see DataConfig.data); every failure is one line naming `flag` and the
+    source. A row's errors name it as SOURCE[row index]."""
+    if source.endswith(".jsonl"):
+        return load_jsonl_problems(source, prompt_column, answer_column, flag)
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{flag} {source}: reading it needs the datasets package (pip install datasets); a .jsonl "
+                          f"file needs nothing") from None
+    path = Path(source)
+    try:
+        if path.is_dir():
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise ConfigError(f"{flag} {source}: no split {split!r} (it has {', '.join(table)}); choose one "
+                                      f"with {flag}_split")
+                table = table[split]
+        elif path.suffix in DATASET_FILES:
+            if not path.is_file():
+                raise ConfigError(f"{flag} {source}: no such file")
+            table = datasets.load_dataset(DATASET_FILES[path.suffix], data_files=str(path), split="train")
+        elif path.suffix or path.exists() or source.count("/") > 1:
+            raise ConfigError(f"{flag} {source}: not a .jsonl, .parquet, .json or .csv file, a save_to_disk "
+                              f"directory, or a hub name")
+        else:
+            table = datasets.load_dataset(source, data_config, split=split)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - offline, a wrong name or split, a damaged file: one line, the cause
+        text = str(err).strip().splitlines()
+        raise ConfigError(f"{flag} {source}: could not load it ({type(err).__name__}: "
+                          f"{(text[0] if text else '')[:200]})") from None
+    missing = [c for c in (prompt_column, answer_column) if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"{flag} {source}: no column {missing[0]!r} (it has {', '.join(table.column_names)}); "
+                          f"choose with --prompt_column / --answer_column")
+    rows = [problem_from_row(row, prompt_column, answer_column, f"{source}[{i}]") for i, row in enumerate(table)]
+    if len(rows) < 2:
+        raise ConfigError(f"{flag} {source}: needs at least 2 rows (found {len(rows)})")
+    return rows
+
+
+def build_task(cfg) -> tuple[list, list]:
+    """(train, held-out) problems, before any model loads: the training set from --data or the built-in --task (cfg
+    has grpo_mini.Config's fields); the held-out set from --eval_data, or held out of --data, or generated."""
+    columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column, data_config=cfg.data_config)
+    held_out = None
+    if cfg.eval_data:
+        held_out = load_problems(cfg.eval_data, cfg.eval_data_split, flag="--eval_data", **columns)
+        held_out = random.Random(cfg.seed).sample(held_out, min(cfg.num_eval_problems, len(held_out)))
+    if cfg.data:
+        problems = load_problems(cfg.data, cfg.data_split, **columns)
+        if held_out is not None:  # a prompt in both sets would leak: it trains only where it is not held out
+            seen = {p.prompt for p in held_out}
+            train = [p for p in problems if p.prompt not in seen]
+            if not train:
+                raise ConfigError(f"--data {cfg.data}: every prompt is also in --eval_data {cfg.eval_data}")
+            return train, held_out
+        return split_problems(problems, cfg.num_eval_problems, cfg.seed)
+    train, generated = make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems,
+                                             TASK_GENERATORS[cfg.task])
+    return train, generated if held_out is None else held_out
 
 
 def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
@@ -169,13 +295,20 @@ def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[l
     return train, evaluation
 
 
-def check_prompt_lengths(problems: list, count_tokens: Callable[[str], int], limit: int) -> None:
-    """One line naming file:line for the first --data prompt longer than `limit` tokens (the model's context less
-    --max_completion_length), instead of an allocation that fails at step 1. Generated problems are short."""
+def check_prompt_lengths(problems: list, count_tokens: Callable[[str], int], context: int,
+                         completion_length: int) -> None:
+    """One line, instead of an allocation or an index error at step 1, when a prompt and --max_completion_length
+    (`completion_length`) do not fit in the model's `context`: naming file:line for a --data row. Generated prompts
+    are short (under 200 tokens): they are checked only when the room left is tight."""
+    limit = context - completion_length
+    if limit < 1:
+        raise ConfigError(f"--max_completion_length {completion_length}: the model's context is {context} tokens, "
+                          f"which leaves no room for the prompt")
     for p in problems:
-        if getattr(p, "source", "") and count_tokens(p.prompt) > limit:
-            raise ConfigError(f"{p.source}: the prompt has {count_tokens(p.prompt)} tokens, more than the {limit} "
-                              f"the model's context leaves beside --max_completion_length; shorten or drop it")
+        if (getattr(p, "source", "") or limit < 1024) and count_tokens(p.prompt) > limit:
+            raise ConfigError(f"{p.source or 'a generated prompt'}: the prompt has {count_tokens(p.prompt)} tokens, "
+                              f"more than the {limit} the model's context ({context}) leaves beside "
+                              f"--max_completion_length {completion_length}; shorten it, or lower that flag")
 
 
 # A number: an optional minus sign (only where it cannot be a subtraction or a range, i.e. not right after a letter,

@@ -127,8 +127,8 @@ class TreeConfig(Config):
                               "cost is set by --num_trees, --nodes_per_expansion and --expansion_rounds")
         if self.tree and self.num_trees * self.leaves_per_tree < 2:
             raise ConfigError("--num_trees x --leaves_per_tree must be >= 2: a prompt needs two rows to compare")
-        if self.data is not None:
-            raise ConfigError("--data: tree_grpo.py has its own multi-turn task; --data is not used here")
+        if self.data is not None or self.eval_data is not None:
+            raise ConfigError("--data, --eval_data: tree_grpo.py has its own multi-turn task; they are not used here")
         if self.dynamic_sampling:
             raise ConfigError("--dynamic_sampling is not supported by tree_grpo.py (its rollout replaces GRPO's)")
         if self.importance_sampling_correction:

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo_mini as gm  # noqa: E402
+from benchmarks.cli import at_least, run_main  # noqa: E402
 
 STYLES = ("direct", "worked", "filler")
 MIX = {"direct": 0.4, "worked": 0.3, "filler": 0.3}  # fixed before any RL run (docs/RESULTS.md)
@@ -142,15 +143,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=gm.DEFAULT_MODEL, help="the model to fine-tune (default: SmolLM2-135M)")
     parser.add_argument("--output_dir", default="runs/cold_start", help="where model/, problems.jsonl and logs go")
-    parser.add_argument("--steps", type=int, default=60, help="fine-tune steps")
-    parser.add_argument("--batch_size", type=int, default=8, help="solutions per step")
-    parser.add_argument("--learning_rate", type=float, default=5e-5, help="AdamW learning rate (constant)")
-    parser.add_argument("--num_sft_problems", type=int, default=2000, help="distinct problems to fine-tune on")
-    parser.add_argument("--num_rl_problems", type=int, default=1200, help="distinct problems written for RL")
-    parser.add_argument("--probe_prompts", type=int, default=32, help="problems sampled after the fine-tune")
-    parser.add_argument("--max_new_tokens", type=int, default=160, help="completion length of that sampling "
+    parser.add_argument("--steps", type=at_least(1), default=60, help="fine-tune steps")
+    parser.add_argument("--batch_size", type=at_least(1), default=8, help="solutions per step")
+    parser.add_argument("--learning_rate", type=at_least(1e-12, float), default=5e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--num_sft_problems", type=at_least(1), default=2000, help="distinct problems to fine-tune on")
+    parser.add_argument("--num_rl_problems", type=at_least(2), default=1200, help="distinct problems written for RL")
+    parser.add_argument("--probe_prompts", type=at_least(1), default=32, help="problems sampled after the fine-tune")
+    parser.add_argument("--max_new_tokens", type=at_least(1), default=160, help="completion length of that sampling "
                         "(compare.py's cold_start preset trains with the same)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier cold start in --output_dir")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
@@ -214,4 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.cli import at_least, run_main  # noqa: E402
 from benchmarks.cold_start import STYLES, classify_style  # noqa: E402
 from gfpo import excess_length_reduction  # noqa: E402
 
@@ -118,27 +119,58 @@ def config_classes() -> dict:
             "tree_grpo.py": tree_grpo.TreeConfig}
 
 
+def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
+    """(run_dir's config.json, or None where there is none, and the config these flags give), both as JSON values."""
+    import grpo_mini
+
+    cfg = grpo_mini.parse_config(config_classes()[METHODS[method][0]], argv=flags)
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        stored = None
+    return stored, json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def finished_run(method: str, flags: list, run_dir: Path) -> bool:
     """--reuse: whether run_dir already holds a finished run made with exactly these flags (its config.json equals
     the config the flags give, and its metrics.jsonl ends with the eval after the last step)."""
-    import grpo_mini
-
+    stored, wanted = stored_and_wanted(method, flags, run_dir)
     try:
-        stored = json.loads((run_dir / "config.json").read_text())
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return False
-    cfg = grpo_mini.parse_config(config_classes()[METHODS[method][0]], argv=flags)
-    return (stored == json.loads(json.dumps(dataclasses.asdict(cfg))) and "eval_accuracy" in last
-            and last["step"] == cfg.max_steps)
+    return stored == wanted and "eval_accuracy" in last and last["step"] == wanted["max_steps"]
+
+
+def run_flags(method: str, seed: int, settings: dict, run_dir: Path) -> list:
+    return [*method_flags(method, settings), "--seed", str(seed), "--output_dir", str(run_dir), "--no-save_model",
+            "--save_every", "0", "--overwrite"]
+
+
+def plan_run(method: str, seed: int, settings: dict, out_dir: Path, overwrite: bool, reuse: bool) -> str:
+    """What this command does with one run's directory, decided before any run starts: "train" (empty, or allowed to
+    be replaced) or "reuse". A directory that holds an earlier run is replaced only with --overwrite, or with --reuse
+    when that run has exactly this run's flags and did not finish (this comparison, interrupted): else one line."""
+    run_dir = out_dir / f"{method}_seed{seed}"
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "train"
+    flags = run_flags(method, seed, settings, run_dir)
+    if reuse and finished_run(method, flags, run_dir):
+        return "reuse"
+    stored, wanted = stored_and_wanted(method, flags, run_dir)
+    if overwrite or (reuse and stored == wanted):
+        return "train"
+    raise SystemExit(f"error: {run_dir} holds an earlier run {'with other flags ' if reuse else ''}(nothing was "
+                     f"changed): pass --reuse to keep finished runs made with the same flags, --overwrite to replace "
+                     f"it, or choose another --output_dir")
 
 
 def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: bool = False) -> dict:
     """Train one method with one seed in a subprocess; return its metrics records and wall time (None for a run
-    that --reuse found finished already)."""
+    that --reuse found finished already). plan_run has checked, before the first run, that this may replace
+    whatever its directory holds."""
     run_dir = out_dir / f"{method}_seed{seed}"
-    flags = [*method_flags(method, settings), "--seed", str(seed), "--output_dir", str(run_dir), "--no-save_model",
-             "--save_every", "0", "--overwrite"]
+    flags = run_flags(method, seed, settings, run_dir)
     wall = None
     if reuse and finished_run(method, flags, run_dir):
         print(f"[compare] {method} seed {seed}: reusing the finished run in {run_dir}", flush=True)
@@ -365,9 +397,11 @@ def parse_overrides(pairs: list) -> dict:
     return settings
 
 
-def check_before_running(methods: list, settings: dict, out_dir: Path, overwrite: bool) -> None:
-    """One line, before any run starts: a --set key that is not a flag of a chosen method's script, or earlier
-    results in --output_dir that this run would replace (without --overwrite)."""
+def check_before_running(methods: list, settings: dict, out_dir: Path, overwrite: bool, seeds: list = (),
+                         reuse: bool = False) -> None:
+    """One line, before any run starts: a --set key that is not a flag of a chosen method's script, earlier
+    results in --output_dir that this run would replace (without --overwrite), or a run directory that this command
+    may not replace (plan_run)."""
     configs = config_classes()
     for method in methods:
         script = METHODS[method][0]
@@ -378,13 +412,17 @@ def check_before_running(methods: list, settings: dict, out_dir: Path, overwrite
     earlier = [name for name in ("results.md", "summary.json") if (out_dir / name).exists()]
     if earlier and not overwrite:
         raise SystemExit(f"error: --output_dir {out_dir} already holds results ({', '.join(earlier)}): pass "
-                         f"--overwrite to replace them, or choose another --output_dir")
+                         f"--overwrite to replace them (with --reuse to keep its finished runs), or choose another "
+                         f"--output_dir")
+    for method in methods:
+        for seed in seeds:
+            plan_run(method, seed, settings, out_dir, overwrite, reuse)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=at_least(0), default=[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="default: grpo, seed_grpo and the two GFPO metrics; with --preset cold_start, grpo and "
                              "the three GFPO variants")
@@ -395,13 +433,15 @@ def main() -> int:
                              "accuracy and its mean first eval)")
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output_dir")
-    parser.add_argument("--reuse", action="store_true", help="with --overwrite: keep each run that --output_dir "
-                        "already holds finished with the same flags, and train only the others (e.g. a method added)")
+    parser.add_argument("--reuse", action="store_true", help="keep each run that --output_dir already holds finished "
+                        "with the same flags, and train only the others: an interrupted comparison goes on (its "
+                        "unfinished run starts again), or a method or seed is added (with --overwrite, when the "
+                        "results are written already)")
     args = parser.parse_args()
     methods = args.methods or PRESET_METHODS.get(args.preset, DEFAULT_METHODS)
     settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
     out_dir = Path(args.output_dir)
-    check_before_running(methods, settings, out_dir, args.overwrite)
+    check_before_running(methods, settings, out_dir, args.overwrite, args.seeds, args.reuse)
     missing = [settings[key] for key in ("model", "data")
                if args.preset == "cold_start" and not (ROOT / settings[key]).exists()]
     if missing:
@@ -437,4 +477,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

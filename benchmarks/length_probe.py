@@ -52,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo_mini as gm  # noqa: E402
+from benchmarks.cli import at_least, run_main  # noqa: E402
 from benchmarks.cold_start import make_sum_of_four, style_report  # noqa: E402
 
 
@@ -220,16 +221,16 @@ def main(argv=None) -> int:
                         help=f"families: {', '.join(FAMILIES)}; variants: {', '.join(VARIANTS)} (default: all "
                              f"{len(SETTINGS)} of docs/RESULTS.md's table)")
     parser.add_argument("--model", default=gm.DEFAULT_MODEL, help="as grpo_mini.py --model (default: SmolLM2-135M)")
-    parser.add_argument("--prompts", type=int, default=32, help="problems per setting")
-    parser.add_argument("--num_generations", type=int, default=8, help="completions per prompt, the group size G")
-    parser.add_argument("--max_completion_length", type=int, default=128, help="maximum new tokens per completion")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, as in training")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the problems and the sampling")
+    parser.add_argument("--prompts", type=at_least(1), default=32, help="problems per setting")
+    parser.add_argument("--num_generations", type=at_least(2), default=8, help="completions per prompt, the group size G")
+    parser.add_argument("--max_completion_length", type=at_least(1), default=128, help="maximum new tokens per completion")
+    parser.add_argument("--temperature", type=at_least(0.01, float), default=0.7, help="sampling temperature, as in training")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed for the problems and the sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
     parser.add_argument("--output_dir", default="runs/length_probe", help="where results.md and summary.json go")
     parser.add_argument("--write_jsonl", metavar="FILE", help="write --num_problems distinct problems of the one "
                         "setting in --settings to FILE, as grpo_mini.py --data reads them, and stop (no model)")
-    parser.add_argument("--num_problems", type=int, default=1200, help="rows for --write_jsonl")
+    parser.add_argument("--num_problems", type=at_least(1), default=1200, help="rows for --write_jsonl")
     args = parser.parse_args(argv)
     try:  # every bad flag fails here, before the model loads
         makers = {name: make_setting(name) for name in args.settings}
@@ -280,4 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.cli import run_main  # noqa: E402
 from benchmarks.compare import plot_curves  # noqa: E402
 
 RUN_PANELS = [("reward", "training reward"), ("accuracy", "training accuracy (samples right)"),
@@ -60,4 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo_mini as g  # noqa: E402
+from benchmarks.cli import at_least, run_main  # noqa: E402
 
 PHASES = ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s")
 IMPLEMENTATIONS = ("grpo_mini", "trl_best", "trl_default")
@@ -312,9 +313,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-random", "smollm2"],
                         help="tiny-random | smollm2 | qwen2.5-0.5b-random")
-    parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.04])
-    parser.add_argument("--rounds", type=int, default=2, help="alternating blocks per implementation")
-    parser.add_argument("--steps", type=int, default=3, help="steps per block; the first is a warm-up")
+    parser.add_argument("--betas", nargs="+", type=at_least(0.0, float), default=[0.0, 0.04])
+    parser.add_argument("--rounds", type=at_least(1), default=2, help="alternating blocks per implementation")
+    parser.add_argument("--steps", type=at_least(2), default=3, help="steps per block; the first is a warm-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-trl", action="store_true", help="time grpo_mini alone")
     parser.add_argument("--no-keep-freed-memory", action="store_true",
@@ -406,4 +407,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -45,7 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tree_grpo  # noqa: E402
-from benchmarks.compare import mean_std, parse_overrides, pyplot, run_method, save_figure  # noqa: E402
+from benchmarks.cli import at_least, run_main  # noqa: E402
+from benchmarks.compare import mean_std, parse_overrides, plan_run, pyplot, run_method, save_figure  # noqa: E402
 
 # The harder setting, fixed from `probe` before any training run (docs/RESULTS.md has the probe's table). One slack turn
 # as in the default (4 turns for 2 hops); max_completion_length = max_turns x max_turn_tokens, dr_grpo's normaliser.
@@ -117,7 +118,7 @@ def run_numbers(run: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool) -> dict:
+def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, overwrite: bool = False) -> dict:
     """Train the three methods for every seed (the trees first: they set the chains' budget); return
     {method: [run, ...one per seed]} with each run's records and numbers."""
     runs = {m: [] for m in METHODS}
@@ -125,9 +126,9 @@ def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool) -> dict:
         tree = run_method("tree_grpo", seed, settings, out_dir, reuse)
         runs["tree_grpo"].append(tree)
         budget = round(run_numbers(tree)["tokens_per_step"])
-        runs["chains_equal_tokens"].append(run_method(
-            "chains_equal_tokens", seed, {**settings, "num_generations": CHAINS_START, "tokens_per_step": budget},
-            out_dir, reuse))
+        chains = {**settings, "num_generations": CHAINS_START, "tokens_per_step": budget}
+        plan_run("chains_equal_tokens", seed, chains, out_dir, overwrite, reuse)  # its flags are known only now
+        runs["chains_equal_tokens"].append(run_method("chains_equal_tokens", seed, chains, out_dir, reuse))
         runs["tree_inter"].append(run_method("tree_inter", seed, settings, out_dir, reuse))
     for per_seed in runs.values():
         for run in per_seed:
@@ -245,18 +246,25 @@ def probe_table(results: dict, questions: int, seed: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", nargs="?", choices=["compare", "probe"], default="compare")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=at_least(0), default=[0])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a setting of every run (tree_grpo.py's flags), e.g. max_steps=2")
     parser.add_argument("--output_dir", default=None, help="default: runs/tree_compare (probe: runs/tree_probe)")
     parser.add_argument("--reuse", action="store_true", help="keep each run --output_dir already holds finished with "
                         "the same flags, and train only the others")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results and runs already in "
+                        "--output_dir (with --reuse: only the runs that did not finish with the same flags)")
     parser.add_argument("--model", default=tree_grpo.TreeConfig.model, help="probe: the model to measure")
-    parser.add_argument("--questions", type=int, default=32, help="probe: questions per setting")
+    parser.add_argument("--questions", type=at_least(1), default=32, help="probe: questions per setting")
     parser.add_argument("--settings", nargs="+", choices=list(PROBE_SETTINGS), default=list(PROBE_SETTINGS),
                         help="probe: the settings to measure (2h4p50: 2 hops, 4 people, 50%% hinted; the default)")
     args = parser.parse_args()
     out_dir = Path(args.output_dir or ("runs/tree_probe" if args.mode == "probe" else "runs/tree_compare"))
+    earlier = [name for name in ("results.md", "summary.json") if (out_dir / name).exists()]
+    if earlier and not args.overwrite:
+        raise SystemExit(f"error: --output_dir {out_dir} already holds results ({', '.join(earlier)}): pass "
+                         f"--overwrite to replace them (with --reuse to keep its finished runs), or choose another "
+                         f"--output_dir")
     if args.mode == "probe":
         results = probe(args.model, args.questions, args.seeds[0], args.settings)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,8 +278,15 @@ def main() -> int:
         tree_grpo.TreeConfig(**settings).validate()
     except (tree_grpo.ConfigError, TypeError) as err:
         raise SystemExit(f"error: --set: {err}")
+    for seed in args.seeds:  # before any run: nothing of an earlier comparison is replaced unless asked
+        for method in ("tree_grpo", "tree_inter"):
+            plan_run(method, seed, settings, out_dir, args.overwrite, args.reuse)
+        chains = out_dir / f"chains_equal_tokens_seed{seed}"  # its flags follow the trees' run: checked by name
+        if chains.is_dir() and any(chains.iterdir()) and not (args.overwrite or args.reuse):
+            raise SystemExit(f"error: {chains} holds an earlier run (nothing was changed): pass --reuse to keep "
+                             f"finished runs made with the same flags, --overwrite to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = compare(args.seeds, settings, out_dir, args.reuse)
+    runs = compare(args.seeds, settings, out_dir, args.reuse, args.overwrite)
     text = results_table(runs, args.seeds, settings)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(
@@ -285,4 +300,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

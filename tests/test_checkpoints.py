@@ -268,7 +268,7 @@ def test_data_file_bytes_bom_and_single_read(tiny_model_dir, tmp_path, monkeypat
     assert len(g.load_jsonl_problems(str(data))) == 6  # a BOM (as Windows editors write it) is fine
     reads = []
     real = tasks.load_jsonl_problems
-    monkeypatch.setattr(tasks, "load_jsonl_problems", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(tasks, "load_jsonl_problems", lambda path, *rest: reads.append(path) or real(path, *rest))
     g.train(g.Config(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"),
                      **{**TINY, "max_steps": 0, "save_model": False}))
     assert reads == [str(data)]  # read once
@@ -293,7 +293,7 @@ def test_filter_metric_that_is_not_a_metric_fails_before_loading(tmp_path, monke
         gfpo.GFPOConfig(filter_metric="os:getcwd").validate()
     monkeypatch.chdir(tmp_path)  # user metrics are imported from the working directory
     (tmp_path / "my_metrics.py").write_text("def one_number(rewards, lengths, completions):\n    return 1.0\n")
-    with pytest.raises(g.ConfigError, match="must return a tensor with one score per completion"):
+    with pytest.raises(g.ConfigError, match="must return a tensor with one finite score per completion"):
         gfpo.GFPOConfig(filter_metric="my_metrics:one_number").validate()
 
 

@@ -127,7 +127,7 @@ def test_data_file_numeric_answers_are_taken_as_numbers(tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
     parsed = [p.answer for p in g.load_jsonl_problems(str(data))]
     assert parsed[:5] == [1e-05, 1e+20, 2.5e-07, -3.0, 72.0]
-    assert parsed[5] == 5.0  # a STRING answer is text: its last number (write numbers as JSON numbers)
+    assert parsed[5] == 1e-05  # a string that is one number is read whole (its last number would be 5)
 
 
 def test_correctness_reward_docstring_example():

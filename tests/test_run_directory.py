@@ -100,7 +100,7 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_a_stale_lock_is_ta
         other.kill()
         other.wait()
     g.check_output_dir(g.Config(output_dir=str(out)))  # its process is gone: the lock is stale, and taken over
-    assert (out / harness.LOCK).read_text() == str(os.getpid())
+    assert (out / harness.LOCK).read_text().split()[0] == str(os.getpid())
 
 
 def test_a_run_releases_its_lock_when_it_ends(tiny_model_dir, tmp_path):
@@ -289,10 +289,13 @@ def test_a_lock_being_written_is_held_and_a_garbage_one_is_stale(tmp_path):
         g.check_output_dir(g.Config(output_dir=str(out)))
     (out / harness.LOCK).write_text("not a pid")
     g.check_output_dir(g.Config(output_dir=str(out)))
-    assert (out / harness.LOCK).read_text() == str(os.getpid())
+    assert (out / harness.LOCK).read_text().split()[0] == str(os.getpid())
 
 
-def test_overwrite_clears_a_run_from_before_the_marker(tiny_model_dir, tmp_path):
+def test_a_run_from_before_the_marker_is_overwritten_only_once_marked(tiny_model_dir, tmp_path):
     out = finished_run(tiny_model_dir, tmp_path / "old_run", max_steps=1, save_every=0)
     (out / harness.MARKER).unlink()  # as a run of an earlier version left its directory: config.json, no marker
+    with pytest.raises(g.ConfigError, match=r"no grpo-mini run wrote .* `touch .*\.grpo_mini_run` marks it"):
+        g.check_output_dir(g.Config(output_dir=str(out), overwrite=True, model=str(tiny_model_dir)))
+    (out / harness.MARKER).touch()
     g.check_output_dir(g.Config(output_dir=str(out), overwrite=True, model=str(tiny_model_dir)))

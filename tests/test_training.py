@@ -47,7 +47,7 @@ def test_cli_rejects_bad_flag_before_loading_any_model():
 def test_bad_data_file_names_file_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": 2}\n{"prompt": "2+2?"}\n')
-    with pytest.raises(g.ConfigError, match=r"bad.jsonl:2: expected an object"):
+    with pytest.raises(g.ConfigError, match=r'bad.jsonl:2: expected a string "prompt" and an "answer"'):
         g.load_jsonl_problems(str(data))
     data.write_text('{"prompt": "1+1?", "answer": 2}\n\n{"prompt": "x", "answer": "two"}\n')
     with pytest.raises(g.ConfigError, match=r"bad.jsonl:3: \"answer\" has no number"):

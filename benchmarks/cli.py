@@ -1,0 +1,46 @@
+"""benchmarks/cli.py: what every benchmark's command line shares. Bad values are argparse's usage line; a bad model,
+a file that cannot be read or a path that cannot be written is one line and exit 2, never a traceback.
+
+    parser.add_argument("--steps", type=at_least(1), default=60)
+    if __name__ == "__main__":
+        sys.exit(run_main(main))
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from scaling import ConfigError, say
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: `kind(text)`, refused unless >= low (argparse then prints one usage line naming the flag).
+        at_least(1)("3") == 3;  at_least(1)("0") -> ArgumentTypeError("must be >= 1 (got 0)")"""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """main()'s exit code; a ConfigError (bad input: a --model that does not load, a bad --data row) or an OSError (a
+    path that cannot be read or written) becomes one line on stderr and exit 2, Ctrl-C exit 130."""
+    try:
+        return main()
+    except ConfigError as err:
+        say(f"error: {err}", file=sys.stderr)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        say(f"error: {where}{err.strerror or err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        say("interrupted", file=sys.stderr)
+        return 130
+    return 2
