@@ -737,7 +737,9 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
     Returns (rollout, stats or None if skipped, extra metrics from the advantage function, seconds per phase)."""
     seconds, clock = {}, [time.perf_counter()]
 
-    def lap(name):  # seconds per phase, for benchmarks/step_time.py
+    def lap(name):  # seconds per phase, for benchmarks/step_time.py; CUDA runs asynchronously: wait for it first
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - clock[0]
         clock[0] = time.perf_counter()
 

@@ -22,6 +22,7 @@ Run it:
     python seed_grpo.py --judge exact --estimator likelihood --modulation inverse --alpha 0.0417 --scale_rewards none
                                                         # the authors' released code, as re-implementations report it
     python seed_grpo.py --estimator monte_carlo         # the paper's own SE equation
+    python seed_grpo.py --shuffle_factors               # the control: the same factors, shuffled among prompts
 
 What you will see: grpo_mini's per-step line plus `se` (mean semantic entropy of the step's prompts, nats) and
 `factor` (mean advantage multiplier), and the same `held-out accuracy: BEFORE -> AFTER` at the end.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -76,6 +78,10 @@ class SeedConfig(Config):
     """how answers are clustered: math (same final number, no model) | exact (same final-answer TEXT: the authors' code as reported, so "12" and "12.0" differ) | nli (bidirectional entailment)"""
     nli_model: str = DEFAULT_NLI_MODEL
     """NLI checkpoint for --judge nli (hub id or directory)"""
+    shuffle_factors: bool = False
+    """the control (seed_shuffled): permute the step's factors at random among its prompts. The same factors, so the
+    same distribution of step sizes, but no link to each prompt's uncertainty: SEED-GRPO beating it means the link
+    matters"""
 
     def validate(self) -> None:
         super().validate()
@@ -125,16 +131,21 @@ def uncertainty_bins(entropy: torch.Tensor) -> torch.Tensor:
 
 
 def seed_advantages(rewards: torch.Tensor, entropy: torch.Tensor, num_generations: int, *, modulation: str,
-                    alpha: float, scale_rewards: str = "none", baseline: str = "mean") -> tuple:
+                    alpha: float, scale_rewards: str = "none", baseline: str = "mean",
+                    permutation: Optional[torch.Tensor] = None) -> tuple:
     """A^_i = A_i * factor(prompt of i). rewards [N], entropy [B] (one per prompt) -> (advantages [N], factors [B]).
+    permutation [B] (the seed_shuffled control): prompt b gets factor factors[permutation[b]] instead of its own.
 
     Example, G = 2, rewards [1, 0, 1, 0], SE = [0, log 2], inverse, alpha 1: A = [0.5, -0.5, 0.5, -0.5],
-    factors [1, 0.5] -> A^ = [0.5, -0.5, 0.25, -0.25]."""
+    factors [1, 0.5] -> A^ = [0.5, -0.5, 0.25, -0.25]; with permutation [1, 0] the factors become [0.5, 1] ->
+    A^ = [0.25, -0.25, 0.5, -0.5]."""
     base = group_advantages(rewards, num_generations, scale_rewards, baseline=baseline)  # [N]
     if modulation == "bins":
         factors = uncertainty_bins(entropy)
     else:
         factors = modulation_factor(entropy, num_generations, modulation, alpha)  # [B]
+    if permutation is not None:
+        factors = factors[permutation]
     return base * factors.repeat_interleave(num_generations), factors
 
 
@@ -167,12 +178,20 @@ def seed_advantage_fn(cfg: SeedConfig):
     judge = {"math": MathAnswerJudge, "exact": ExactAnswerJudge}.get(cfg.judge)
     judge = judge() if judge else NLIJudge(cfg.nli_model, device=cfg.device)
 
+    shuffler = torch.Generator().manual_seed(cfg.seed)  # its own stream: the sampling's random numbers stay SEED-GRPO's
+
     def advantages(ro: Rollout):
         entropy = group_entropies(ro, judge, cfg.estimator)  # [B]
+        permutation = torch.randperm(entropy.numel(), generator=shuffler).to(entropy.device) \
+            if cfg.shuffle_factors else None
         adv, factors = seed_advantages(ro.rewards, entropy, ro.num_generations, modulation=cfg.modulation,
-                                       alpha=cfg.alpha, scale_rewards=cfg.scale_rewards, baseline=cfg.baseline)
+                                       alpha=cfg.alpha, scale_rewards=cfg.scale_rewards, baseline=cfg.baseline,
+                                       permutation=permutation)
         return adv, {"semantic_entropy": entropy.mean().item(), "seed_factor": factors.mean().item()}
 
+    # the shuffler's state goes into checkpoints, so that --resume draws the same permutations (harness.Run)
+    advantages.state_dict = lambda: {"shuffler": shuffler.get_state()}
+    advantages.load_state_dict = lambda state: shuffler.set_state(state["shuffler"])
     return advantages
 
 

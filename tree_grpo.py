@@ -547,10 +547,20 @@ def tree_advantage_fn(cfg: TreeConfig):
         if not cfg.tree:
             return group_advantages(ro.rewards, ro.num_generations, cfg.scale_rewards, baseline=cfg.baseline), {}
         prompt_index = torch.arange(ro.rewards.numel(), device=ro.rewards.device) // ro.num_generations
+        mixed = {"mixed_trees": mixed_tree_share(ro.rewards, prompt_index, ro.tree_index)}
         if cfg.tree_advantage == "inter":
-            return standardise_within(ro.rewards.float(), prompt_index), {}
-        return tree_advantages(ro.rewards, prompt_index, ro.tree_index), {}
+            return standardise_within(ro.rewards.float(), prompt_index), mixed
+        return tree_advantages(ro.rewards, prompt_index, ro.tree_index), mixed
     return advantages
+
+
+def mixed_tree_share(rewards: torch.Tensor, prompt_index: torch.Tensor, tree_index: torch.Tensor) -> float:
+    """The share of trees whose leaves disagree (some right, some wrong): only there is A_intra non-zero. With 3
+    leaves a tree and a low success rate it is mostly 0, and then the tree's own credit cannot matter.
+        rewards tree 0 [1, 1, 0], tree 1 [0, 0, 0] (one prompt) -> 1 of 2 trees mixed -> 0.5"""
+    trees = prompt_index.long() * (int(tree_index.max()) + 1) + tree_index.long()
+    ids = torch.unique(trees)
+    return sum(bool(rewards[trees == t].max() != rewards[trees == t].min()) for t in ids) / ids.numel()
 
 
 # ======================================================================================================================
@@ -577,7 +587,7 @@ def build_quests(cfg: TreeConfig) -> tuple:
                             people=cfg.people_per_world, hinted_share=cfg.hinted_share)
 
 
-TREE_LOG_KEYS = [("turns", "turns", "{:.2f}"), ("rows_per_prompt", "rows", "{:g}")]
+TREE_LOG_KEYS = [("turns", "turns", "{:.2f}"), ("rows_per_prompt", "rows", "{:g}"), ("mixed_trees", "mixed", "{:.2f}")]
 TREE_HOOKS = dict(advantage_fn=tree_advantage_fn, rollout_fn=multi_turn_rollout, evaluate_fn=evaluate_episodes,
                   task_fn=build_quests, extra_log_keys=TREE_LOG_KEYS)
 

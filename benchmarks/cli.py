@@ -1,4 +1,4 @@
-"""benchmarks/cli.py: what every benchmark's command line shares. Bad values are argparse's usage line; a bad model,
+"""benchmarks/cli.py: what every benchmark's command line shares (and its plots: pyplot, save_figure). Bad values are argparse's usage line; a bad model,
 a file that cannot be read or a path that cannot be written is one line and exit 2, never a traceback.
 
     parser.add_argument("--steps", type=at_least(1), default=60)
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from scaling import ConfigError, say
@@ -44,3 +45,23 @@ def run_main(main: Callable[[], int]) -> int:
         say("interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, figure, path: Path) -> bool:
+    """Lay out, write and close a figure; True (the plot functions' "drawn")."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

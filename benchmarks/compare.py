@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import math
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.cli import at_least, run_main  # noqa: E402
+from benchmarks.cli import at_least, pyplot, run_main, save_figure  # noqa: E402
 from benchmarks.cold_start import STYLES, classify_style  # noqa: E402
 from gfpo import excess_length_reduction  # noqa: E402
 
@@ -62,6 +63,12 @@ METHODS = {  # name -> (script, flags that make the method)
     # GRPO at GFPO's sampling budget: G' = 2G completions per prompt, all of them trained on. It tells whether GFPO's
     # filter, or only its larger sample, shortens the answers.
     "grpo_2g": ("grpo_mini.py", []),
+    # SEED-GRPO's controls: its factors permuted at random among the step's prompts (same step sizes, no link to
+    # uncertainty), and the strength the authors' released code is reported to use (alpha_eff = 0.0417 / log G)
+    "seed_shuffled": ("seed_grpo.py", ["--shuffle_factors"]),
+    "seed_grpo_released": ("seed_grpo.py", ["--alpha", "0.0417"]),
+    # DAPO's dynamic sampling (RIPT-VLA's "dynamic rejection"): zero-spread groups dropped and refilled
+    "dynamic_sampling": ("grpo_mini.py", ["--dynamic_sampling"]),
     # the multi-turn tool-use task of tree_grpo.py: chains (the baseline) and trees, with the tree preset
     "chain_multiturn": ("tree_grpo.py", ["--no-tree"]),
     "tree_grpo": ("tree_grpo.py", []),
@@ -84,9 +91,21 @@ PRESETS = {  # flags shared by every method; GFPO then doubles num_generations a
 }
 for _preset in PRESETS.values():  # the constant learning rate their results in RESULTS.md were measured with; the
     _preset["lr_scheduler_type"] = "constant"  # scripts' default is linear decay since 2026-12-04
+# The paired protocol (../shared/EXPERIMENTS.md, issue 35): today's defaults (linear decay), 256 held-out problems,
+# evaluated at steps 0, 10 and 20; each method against its baseline over paired seeds (benchmarks/paired.py).
+PRESETS["paired"] = {**PRESETS["cpu"], "lr_scheduler_type": "linear", "num_eval_problems": 256, "eval_every": 10}
+PRESETS["paired_cold_start"] = {**PRESETS["cold_start"], "lr_scheduler_type": "linear", "num_eval_problems": 256,
+                                "eval_every": 10}
 DEFAULT_METHODS = ["grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
 PRESET_METHODS = {"cold_start": ["grpo", "gfpo_shortest", "gfpo_token_efficiency", "gfpo_adaptive"],
-                  "tree": ["chain_multiturn", "tree_grpo"]}
+                  "tree": ["chain_multiturn", "tree_grpo"],
+                  "paired": ["grpo", "grpo_2g", "seed_grpo", "seed_shuffled", "seed_grpo_released",
+                             "gfpo_token_efficiency", "gfpo_shortest", "dynamic_sampling"],
+                  "paired_cold_start": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"]}
+# Each comparison (method, its baseline): every method against GRPO, and the controls that could explain it away.
+CONTROL_PAIRS = [("seed_grpo", "seed_shuffled"), ("seed_grpo", "seed_grpo_released"),
+                 ("gfpo_token_efficiency", "grpo_2g"), ("gfpo_shortest", "grpo_2g"), ("gfpo_adaptive", "grpo_2g")]
+PAIRED_METRICS = [("acc_after", "final held-out accuracy"), ("len_after", "final held-out length (tokens)")]
 
 
 def method_flags(method: str, settings: dict) -> list:
@@ -171,15 +190,17 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: boo
     whatever its directory holds."""
     run_dir = out_dir / f"{method}_seed{seed}"
     flags = run_flags(method, seed, settings, run_dir)
-    wall = None
+    wall, cost = None, run_dir / "cost.json"  # the wall and CPU seconds of the run, kept beside it for --reuse
     if reuse and finished_run(method, flags, run_dir):
         print(f"[compare] {method} seed {seed}: reusing the finished run in {run_dir}", flush=True)
+        wall = json.loads(cost.read_text())["wall_s"] if cost.is_file() else None
     else:
         print(f"[compare] {method} seed {seed}: {METHODS[method][0]} {' '.join(flags)}", flush=True)
-        start = time.time()
+        start, cpu_start = time.time(), children_cpu_seconds()
         result = subprocess.run([sys.executable, METHODS[method][0], *flags], cwd=ROOT, capture_output=True,
                                 text=True)
         wall = time.time() - start
+        cost.write_text(json.dumps({"wall_s": wall, "cpu_s": children_cpu_seconds() - cpu_start}))
         (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
@@ -189,7 +210,14 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: boo
     for record in records:  # each eval's cold-start answer styles, as keys that curve() can draw
         if "eval_completions" in record:
             record.update({f"style_{style}": share for style, share in style_shares(record).items()})
-    return {"records": records, "wall_s": wall}
+    return {"records": records, "wall_s": wall,
+            "cpu_s": json.loads(cost.read_text())["cpu_s"] if cost.is_file() else None}
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children (the training subprocesses)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def style_shares(record: dict) -> dict:
@@ -241,9 +269,29 @@ def mean_std(values: list) -> str:
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
-def build_table(summaries: dict, seeds: list) -> str:
-    """Markdown table, one row per method, mean +- std over seeds. Where the held-out answers have cold-start styles
-    (benchmarks/cold_start.py), a second table gives each style's share at the first and the last eval."""
+def paired_section(summaries: dict, methods: list, seeds: list, out_dir: Path) -> tuple:
+    """The paired comparisons (benchmarks/paired.py) as markdown, their numbers, and paired.png: every method
+    against GRPO and against its control (CONTROL_PAIRS), on the final held-out accuracy and length."""
+    if len(seeds) < 2:
+        return "", {}
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        return "\n\nThe paired comparison needs scipy: pip install scipy", {}
+    from benchmarks.paired import paired_tables, plot_paired
+
+    values = {m: {key: [s[key] for s in summaries[m]] for key, _ in PAIRED_METRICS} for m in methods}
+    pairs = [(m, "grpo") for m in methods if m != "grpo" and "grpo" in methods]
+    pairs += [(m, b) for m, b in CONTROL_PAIRS if m in methods and b in methods]
+    text, numbers = paired_tables(values, pairs, PAIRED_METRICS)
+    drawn = plot_paired(values, pairs, "acc_after", "final held-out accuracy", out_dir / "paired.png")
+    return (f"\n\nPaired over seeds {seeds} (each difference is method - baseline at the same seed; 95% t intervals; "
+            f"two-sided Wilcoxon signed-rank p){'; paired.png draws it' if drawn else ''}:\n\n{text}"), numbers
+
+
+def build_table(summaries: dict, seeds: list, styles: bool = False) -> str:
+    """Markdown table, one row per method, mean +- std over seeds. With styles (the cold-start presets), a second
+    table gives each answer style's share (benchmarks/cold_start.py) at the first and the last eval."""
     lines = ["| method | held-out acc before -> after | held-out length before -> after (tokens) | length of right / "
              "wrong answers after | ELR vs GRPO | mean SE (nats) | mean grad norm | tokens sampled / trained | "
              "wall s |",
@@ -264,8 +312,7 @@ def build_table(summaries: dict, seeds: list) -> str:
             f"{mean_std(col('wrong_len_after'))} | {mean_std(elr)} | "
             f"{mean_std(col('mean_se'))} | {mean_std(col('grad_norm'))} | {mean_std(col('tokens_sampled'))} / "
             f"{mean_std(col('tokens_trained'))} | {mean_std(col('wall_s'))} |")
-    if any(share for per_seed in summaries.values() for s in per_seed for shares in s["styles"].values()
-           for share in shares.values()):
+    if styles:
         lines += ["", "Answer styles of the held-out completions (share, first eval -> last eval):", "",
                   "| method | " + " | ".join(STYLES) + " |", "|" + "---|" * (len(STYLES) + 1)]
         first = lambda s, style: s["styles"][min(s["styles"])][style]  # noqa: E731
@@ -310,26 +357,6 @@ COMPARE_PANELS = [("reward", "training reward (mean of the step's samples)"),
                   ("completion_len", "training completion length (tokens)"),
                   ("eval_accuracy", "held-out greedy accuracy"),
                   ("eval_completion_len", "held-out mean completion length (tokens)")]
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(plt, figure, path: Path) -> bool:
-    """Lay out, write and close a figure; True (the plot functions' "drawn")."""
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
 
 
 def plot_curves(runs: dict, path: Path, panels: list = COMPARE_PANELS) -> bool:
@@ -443,31 +470,36 @@ def main() -> int:
     out_dir = Path(args.output_dir)
     check_before_running(methods, settings, out_dir, args.overwrite, args.seeds, args.reuse)
     missing = [settings[key] for key in ("model", "data")
-               if args.preset == "cold_start" and not (ROOT / settings[key]).exists()]
+               if "cold_start" in args.preset and not (ROOT / settings[key]).exists()]
     if missing:
         raise SystemExit(f"error: --preset cold_start trains from {missing[0]}, which is not there yet: make it first "
                          f"with `python benchmarks/cold_start.py`")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {m: [run_method(m, seed, settings, out_dir, args.reuse) for seed in args.seeds] for m in methods}
     summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}
-    table = build_table(summaries, args.seeds)
+    table = build_table(summaries, args.seeds, styles="cold_start" in args.preset)
     reference = summaries.get("grpo") or next(iter(summaries.values()))
     levels = args.levels or sorted({round(statistics.mean(s["acc_before"] for s in reference), 3),
                                     round(statistics.mean(s["acc_after"] for s in reference), 3)})
     table += ("\n\nLength at matched accuracy (the first eval at or above each level; levels: "
               + ("--levels" if args.levels else f"{'grpo' if 'grpo' in summaries else methods[0]}'s mean first and "
                  f"last eval") + "):\n\n" + matched_accuracy_table(runs, levels))
+    paired_text, paired_numbers = paired_section(summaries, methods, args.seeds, out_dir)
+    every_run = [r for per_seed in runs.values() for r in per_seed]
+    cost = (f"cost: {sum(r['wall_s'] or 0 for r in every_run) / 60:.1f} min of wall time and "
+            f"{sum(r['cpu_s'] or 0 for r in every_run) / 60:.1f} min of CPU time over the {len(every_run)} runs "
+            f"(each run's cost.json keeps its own, for --reuse)")
     header = (f"preset {args.preset}, seeds {args.seeds}, settings {settings}\n"
-              f"(mean ± std over seeds where there are several)\n\n")
-    (out_dir / "results.md").write_text(header + table + "\n")
+              f"(mean ± std over seeds where there are several)\n{cost}\n\n")
+    (out_dir / "results.md").write_text(header + table + paired_text + "\n")
     (out_dir / "summary.json").write_text(json.dumps({
         "settings": settings, "seeds": args.seeds, "method_flags": {m: method_flags(m, settings) for m in runs},
-        "levels": levels,
+        "levels": levels, "paired": paired_numbers, "cost": cost,
         "per_seed": {m: dict(zip(map(str, args.seeds), per_seed)) for m, per_seed in summaries.items()}},
         indent=2))
-    print("\n" + table)
+    print("\n" + table + paired_text + "\n\n" + cost)
     panels = COMPARE_PANELS + ([(f"style_{style}", f"held-out share of the {style} style") for style in STYLES]
-                               if args.preset == "cold_start" else [])
+                               if "cold_start" in args.preset else [])
     if (plot_curves(runs, out_dir / "curves.png", panels)
             and plot_accuracy_vs_length(runs, out_dir / "accuracy_vs_length.png")):
         print(f"\nwrote {out_dir / 'results.md'}, {out_dir / 'curves.png'} and {out_dir / 'accuracy_vs_length.png'}")

@@ -1,7 +1,7 @@
 """benchmarks/tree_compare.py: Tree-GRPO against chains at an equal token budget, with the tree's credit isolated.
 
     python benchmarks/tree_compare.py probe              # the untrained model on candidate settings (about 10 min)
-    python benchmarks/tree_compare.py --seeds 0 1 2      # the comparison in docs/RESULTS.md (66 min on 2 CPU cores)
+    python benchmarks/tree_compare.py --seeds 0 1 2 3 4 5 --reuse   # the paired comparison (resumable)
     python benchmarks/tree_compare.py --set max_steps=2 num_eval_problems=4 --output_dir runs/tree_quick   # a look
 
 Why. Tree-GRPO's paper (arXiv 2509.21240) claims two things: at the same number of generated tokens, sharing turn
@@ -10,19 +10,22 @@ rewards alone. On tree_grpo.py's default task every method reaches 1.000 held-ou
 budgets of that comparison were never equal, so neither claim could show (docs/RESULTS.md). This script runs, on a
 harder setting of the same tool task (HARD: three hops among six people, a quarter of the worlds hinted):
     tree_grpo            Tree-GRPO as tree_grpo.py defines it (M = 2, N = 2, L = 1, K = 3; A = A_inter + A_intra);
-    chains_equal_tokens  chain GRPO with the same generated tokens per step as the trees, on average: each seed's
-                         chains get --tokens_per_step = the mean tokens per step of that seed's tree run (so the tree
-                         runs go first), and sample chains one per prompt at a time until the step has spent it;
+    chains_equal_tokens  chain GRPO at a token budget per step fixed before any run (--budget, BUDGET: what the
+                         untrained model's tree rollouts cost a step): chains are sampled one per prompt at a time
+                         until the step has spent it (tree_grpo.py --tokens_per_step);
     tree_inter           the ablation: tree rollouts with the chains' advantage (A_inter alone, over the prompt's
                          leaves). tree_inter vs chains: what the rollout adds; tree_grpo vs tree_inter: what the
                          tree's own credit, A_intra, adds.
 It writes, under --output_dir: results.md (held-out success before -> after, the area under success against
-generated tokens, tokens per step, rows per prompt, per seed too), summary.json (every number), and curves.png
-(held-out success against cumulative generated tokens and against steps, mean over seeds with a ± one std band).
+generated tokens, tokens per step, rows per prompt, per seed too; with several seeds, each pair's paired difference
+with its 95% interval and Wilcoxon p, benchmarks/paired.py), summary.json (every number), curves.png (held-out
+success against cumulative generated tokens and against steps, mean over seeds with a ± one std band), and
+paired.png (one line per seed). Tree-GRPO's runs also log the share of trees whose leaves disagree (`mixed`): where
+no tree is mixed, A_intra is 0 and the tree's own credit cannot matter.
 
-What you should see (docs/RESULTS.md): each run either finds the third search and solves nearly every held-out
-question within 8-16 steps, or stays at the hinted questions (0.06-0.28); over seeds 0-2 the chains won seed 0, the
-trees seed 1, neither seed 2, and the A_inter-only trees ended where Tree-GRPO did in every seed.
+What was seen before the fixed budget (docs/RESULTS.md, 3 seeds): each run either finds the third search and solves
+nearly every held-out question within 8-16 steps, or stays at the hinted questions (0.06-0.28); the chains won seed
+0, the trees seed 1, neither seed 2, and the A_inter-only trees ended where Tree-GRPO did in every seed.
 
 `probe` measures the untrained model on each candidate setting before any training: the success of sampled episodes
 (4 chains per question, at the training temperature), the share of mixed groups (some right, some wrong: the only
@@ -45,15 +48,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tree_grpo  # noqa: E402
-from benchmarks.cli import at_least, run_main  # noqa: E402
-from benchmarks.compare import mean_std, parse_overrides, plan_run, pyplot, run_method, save_figure  # noqa: E402
+from benchmarks.cli import at_least, pyplot, run_main, save_figure  # noqa: E402
+from benchmarks.compare import mean_std, parse_overrides, plan_run, run_method  # noqa: E402
 
 # The harder setting, fixed from `probe` before any training run (docs/RESULTS.md has the probe's table). One slack turn
 # as in the default (4 turns for 2 hops); max_completion_length = max_turns x max_turn_tokens, dr_grpo's normaliser.
 HARD = {"hops": 3, "people_per_world": 6, "hinted_share": 0.25, "max_turns": 5, "max_completion_length": 120,
         "max_steps": 24, "prompts_per_step": 4, "num_eval_problems": 32, "eval_every": 8}
 CHAINS_START = 3  # the chains' first wave per prompt under the budget; a tree costs more than 3 chains (probe)
+# The chains' token budget per step, fixed before any run (issue 35): what a step of Tree-GRPO's rollouts costs on HARD
+# with the untrained model, from the probe (4 prompts x a tree of 4.74 chains x 19.1 tokens a chain = 362). Until
+# 2026-12-05 each seed's chains got that seed's tree run's mean instead, so their budget moved with what the trees
+# learned (363-879 tokens a step). The trees keep their fixed shape; results.md shows what they actually spent.
+BUDGET = 360
 METHODS = ["tree_grpo", "chains_equal_tokens", "tree_inter"]
+PAIRS = [("tree_grpo", "chains_equal_tokens"), ("tree_grpo", "tree_inter"), ("tree_inter", "chains_equal_tokens")]
+PAIRED_METRICS = [("success_after", "final held-out success"), ("auc", "success over the first B tokens (AUC)")]
 PROBE_SETTINGS = {  # name -> make_quest's setting; "2h4p50" is the default: 2 hops, 4 people, 50% hinted
     "2h4p50": dict(hops=2, people=4, hinted_share=0.5),
     "2h6p25": dict(hops=2, people=6, hinted_share=0.25),
@@ -118,18 +128,20 @@ def run_numbers(run: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, overwrite: bool = False) -> dict:
-    """Train the three methods for every seed (the trees first: they set the chains' budget); return
-    {method: [run, ...one per seed]} with each run's records and numbers."""
+def method_settings(method: str, settings: dict, budget: int) -> dict:
+    """The chains get the fixed budget; the trees their own shape."""
+    if method == "chains_equal_tokens":
+        return {**settings, "num_generations": CHAINS_START, "tokens_per_step": budget}
+    return settings
+
+
+def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, budget: int = BUDGET) -> dict:
+    """Train the three methods for every seed; return {method: [run, ...one per seed]} with each run's records and
+    numbers (main has checked with plan_run that nothing it was not asked to replace is in the way)."""
     runs = {m: [] for m in METHODS}
     for seed in seeds:
-        tree = run_method("tree_grpo", seed, settings, out_dir, reuse)
-        runs["tree_grpo"].append(tree)
-        budget = round(run_numbers(tree)["tokens_per_step"])
-        chains = {**settings, "num_generations": CHAINS_START, "tokens_per_step": budget}
-        plan_run("chains_equal_tokens", seed, chains, out_dir, overwrite, reuse)  # its flags are known only now
-        runs["chains_equal_tokens"].append(run_method("chains_equal_tokens", seed, chains, out_dir, reuse))
-        runs["tree_inter"].append(run_method("tree_inter", seed, settings, out_dir, reuse))
+        for m in METHODS:
+            runs[m].append(run_method(m, seed, method_settings(m, settings, budget), out_dir, reuse))
     for per_seed in runs.values():
         for run in per_seed:
             run["numbers"] = run_numbers(run)
@@ -141,9 +153,12 @@ def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, overwrite: 
     return runs
 
 
-def results_table(runs: dict, seeds: list, settings: dict) -> str:
+def results_table(runs: dict, seeds: list, settings: dict, budget: int) -> str:
     col = lambda m, key: [r["numbers"][key] for r in runs[m]]  # noqa: E731
-    lines = [f"settings {settings}, seeds {seeds}; mean ± std over seeds", "",
+    mixed = [r.get("mixed_trees") for run in runs["tree_grpo"] for r in run["records"] if "reward" in r]
+    lines = [f"settings {settings}, seeds {seeds}; the chains' budget {budget} tokens a step, fixed before the runs; "
+             f"mean ± std over seeds; trees whose leaves disagree (A_intra != 0): "
+             f"{mean_std([m for m in mixed if m is not None])} of Tree-GRPO's trees a step", "",
              "| method | held-out success before -> after | mean success over the first B tokens (AUC) | tokens per "
              "step | rows per prompt | training success, last 4 steps | wall s |", "|" + "---|" * 7]
     for m in METHODS:
@@ -252,6 +267,8 @@ def main() -> int:
     parser.add_argument("--output_dir", default=None, help="default: runs/tree_compare (probe: runs/tree_probe)")
     parser.add_argument("--reuse", action="store_true", help="keep each run --output_dir already holds finished with "
                         "the same flags, and train only the others")
+    parser.add_argument("--budget", type=at_least(1), default=BUDGET, help="the chains' generated tokens per step, "
+                        "fixed before the runs (the default: the untrained trees' cost on HARD, from the probe)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results and runs already in "
                         "--output_dir (with --reuse: only the runs that did not finish with the same flags)")
     parser.add_argument("--model", default=tree_grpo.TreeConfig.model, help="probe: the model to measure")
@@ -279,18 +296,24 @@ def main() -> int:
     except (tree_grpo.ConfigError, TypeError) as err:
         raise SystemExit(f"error: --set: {err}")
     for seed in args.seeds:  # before any run: nothing of an earlier comparison is replaced unless asked
-        for method in ("tree_grpo", "tree_inter"):
-            plan_run(method, seed, settings, out_dir, args.overwrite, args.reuse)
-        chains = out_dir / f"chains_equal_tokens_seed{seed}"  # its flags follow the trees' run: checked by name
-        if chains.is_dir() and any(chains.iterdir()) and not (args.overwrite or args.reuse):
-            raise SystemExit(f"error: {chains} holds an earlier run (nothing was changed): pass --reuse to keep "
-                             f"finished runs made with the same flags, --overwrite to replace it")
+        for method in METHODS:
+            plan_run(method, seed, method_settings(method, settings, args.budget), out_dir, args.overwrite, args.reuse)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = compare(args.seeds, settings, out_dir, args.reuse, args.overwrite)
-    text = results_table(runs, args.seeds, settings)
+    runs = compare(args.seeds, settings, out_dir, args.reuse, args.budget)
+    text = results_table(runs, args.seeds, settings, args.budget)
+    paired_numbers = {}
+    if len(args.seeds) > 1:
+        from benchmarks.paired import paired_tables, plot_paired
+
+        values = {m: {key: [r["numbers"][key] for r in runs[m]] for key, _ in PAIRED_METRICS} for m in METHODS}
+        paired_text, paired_numbers = paired_tables(values, PAIRS, PAIRED_METRICS)
+        drawn = plot_paired(values, PAIRS, "success_after", "final held-out success", out_dir / "paired.png")
+        text += (f"\n\nPaired over seeds {args.seeds} (method - baseline at the same seed; 95% t intervals; two-sided "
+                 f"Wilcoxon signed-rank p){'; paired.png draws it' if drawn else ''}:\n\n{paired_text}")
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(
-        {"settings": settings, "seeds": args.seeds, "chains_start": CHAINS_START,
+        {"settings": settings, "seeds": args.seeds, "chains_start": CHAINS_START, "budget": args.budget,
+         "paired": paired_numbers,
          "per_seed": {m: {str(s): r["numbers"] for s, r in zip(args.seeds, per_seed)} for m, per_seed in runs.items()}},
         indent=1))
     drawn = plot(runs, out_dir / "curves.png")

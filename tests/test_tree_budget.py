@@ -106,20 +106,27 @@ def test_budget_chains_and_ablation_train_through_grpo_mini(tiny_model, tiny_tok
 
 def test_tree_compare_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "tree_compare"
-    result = run_script("benchmarks/tree_compare.py", "--output_dir", out, "--set", f"model={tiny_model_dir}",
-                        "max_steps=2", "prompts_per_step=2", "num_eval_problems=2", "num_train_problems=8",
-                        "eval_every=1", "max_turn_tokens=4", "device=cpu", timeout=600)
+    result = run_script("benchmarks/tree_compare.py", "--output_dir", out, "--seeds", "0", "1", "--budget", "40",
+                        "--set", f"model={tiny_model_dir}", "max_steps=2", "prompts_per_step=2", "num_eval_problems=2",
+                        "num_train_problems=8", "eval_every=1", "max_turn_tokens=4", "device=cpu", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())["per_seed"]
-    tree, chains, inter = (summary[m]["0"] for m in ("tree_grpo", "chains_equal_tokens", "tree_inter"))
+    summary = json.loads((out / "summary.json").read_text())
+    tree, chains, inter = (summary["per_seed"][m]["0"] for m in ("tree_grpo", "chains_equal_tokens", "tree_inter"))
     assert len(tree["points"]) == 3 and tree["points"][0][0] == 0  # evals at steps 0, 1, 2
     assert 0 <= tree["auc"] <= 1 and tree["auc_budget"] == min(tree["tokens_total"], chains["tokens_total"],
                                                               inter["tokens_total"])
     assert inter["rows_per_prompt"] == 6 and chains["rows_per_prompt"] >= 3
     assert (out / "chains_equal_tokens_seed0.log").exists()
-    flags = json.loads((out / "chains_equal_tokens_seed0" / "config.json").read_text())
-    assert flags["tokens_per_step"] == round(tree["tokens_per_step"]) and flags["tree"] is False
-    assert "| tree_inter |" in (out / "results.md").read_text()
+    flags = json.loads((out / "chains_equal_tokens_seed1" / "config.json").read_text())
+    assert flags["tokens_per_step"] == 40 and flags["tree"] is False  # the budget fixed before the runs, every seed
+    assert set(summary["paired"]) == {"tree_grpo vs chains_equal_tokens", "tree_grpo vs tree_inter",
+                                      "tree_inter vs chains_equal_tokens"}
+    assert summary["paired"]["tree_grpo vs tree_inter"]["auc"]["n"] == 2
+    results = (out / "results.md").read_text()
+    assert "| tree_inter |" in results and "| tree_grpo vs chains_equal_tokens | 2 |" in results
+    assert "trees whose leaves disagree" in results
+    metrics = [json.loads(line) for line in (out / "tree_grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["mixed_trees"] <= 1 for r in metrics if "reward" in r)
 
 
 def test_tree_compare_probe_end_to_end(tiny_model_dir, tmp_path):

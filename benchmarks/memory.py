@@ -1,0 +1,119 @@
+"""benchmarks/memory.py: where a training run's memory goes, phase by phase (docs/PERFORMANCE.md's breakdown).
+
+    python benchmarks/memory.py                          # the Quickstart's settings, 3 steps
+    python benchmarks/memory.py --steps 3 -- --max_tokens_per_micro_batch 1024 --no-keep_freed_memory
+
+It runs grpo_mini.train() in this process with every flag after `--` passed on, samples the process's resident memory
+(RSS) every 10 ms, and names the phase each sample falls in: loading the model, the sampling copy, evaluation,
+generation, the log-prob forward and backward, the optimiser step. For each phase it prints the RSS when the phase
+was first entered and the highest RSS seen in it, and at the end the run's peak (ru_maxrss, what `/usr/bin/time -v`
+reports as "Maximum resident set size"). The sizes it can compute exactly are printed beside: the fp32 weights, their
+gradients, AdamW's two moments, and the bf16 sampling copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402
+import grpo_mini as gm  # noqa: E402
+from benchmarks.cli import at_least, run_main  # noqa: E402
+
+GIB = 2**30
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PhaseMemory:
+    """RSS sampled every 10 ms; each sample is charged to the phase that is running (the innermost one)."""
+
+    def __init__(self):
+        self.stack, self.entered, self.peak, self._stop = ["setup"], {}, {}, threading.Event()
+        self.calls = []  # [phase, RSS on entry, highest RSS during] per call, in order
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            phase, now = self.stack[-1], rss()
+            self.peak[phase] = max(self.peak.get(phase, 0), now)
+            if self.calls and self.calls[-1][0] == phase:
+                self.calls[-1][2] = max(self.calls[-1][2], now)
+            time.sleep(0.01)
+
+    def wrap(self, module, name: str, phase: str) -> None:
+        """Charge the memory of module.name's calls to `phase`."""
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            self.entered.setdefault(phase, rss())
+            self.calls.append([phase, rss(), rss()])
+            self.stack.append(phase)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.peak[phase] = max(self.peak.get(phase, 0), rss())
+                self.calls[-1][2] = max(self.calls[-1][2], rss()) if self.calls[-1][0] == phase else self.calls[-1][2]
+                self.stack.pop()
+        setattr(module, name, wrapped)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=at_least(1), default=3, help="training steps")
+    parser.add_argument("flags", nargs="*", help="grpo_mini.py flags, after --")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = gm.parse_config(argv=["--max_steps", str(args.steps), "--eval_every", "0", "--save_every", "0",
+                                    "--no-save_model", "--output_dir", str(Path(out) / "run"), *args.flags])
+        memory = PhaseMemory()
+        for module, name, phase in [(engine, "load_model_and_tokenizer", "1 load the model"),
+                                    (engine, "make_sampling_model", "2 the bf16 sampling copy"),
+                                    (gm, "evaluate", "3 evaluation (greedy, held-out)"),
+                                    (gm, "rollout", "4 generation"),
+                                    (gm, "accumulate_gradients", "5 log-probs, loss and backward"),
+                                    (gm, "optimizer_step", "6 optimiser step")]:
+            memory.wrap(module, name, phase)
+        start = rss()
+        with memory:
+            summary = gm.train(cfg)
+        model = summary["model"]
+        params = sum(p.numel() for p in model.parameters())
+    print(f"\n{Path(sys.argv[0]).name}: {args.steps} steps of the Quickstart's settings"
+          f"{' with ' + ' '.join(args.flags) if args.flags else ''}; RSS in GiB (process start: {start / GIB:.2f})\n")
+    print("| phase | RSS when first entered | highest RSS in it |\n|---|---|---|")
+    for phase in sorted(memory.peak):
+        entered = memory.entered.get(phase)
+        print(f"| {phase} | {'-' if entered is None else f'{entered / GIB:.2f}'} | {memory.peak[phase] / GIB:.2f} |")
+    print("\nEvery call, in order (RSS on entry -> highest RSS during, GiB):")
+    print("\n".join(f"  {phase}: {entry / GIB:.2f} -> {high / GIB:.2f}" for phase, entry, high in memory.calls))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\npeak RSS of the run (ru_maxrss): {peak / GIB:.2f} GiB")
+    print(f"computed: {params / 1e6:.1f}M parameters: fp32 weights {4 * params / GIB:.2f} GiB, gradients "
+          f"{4 * params / GIB:.2f}, AdamW moments {8 * params / GIB:.2f}, bf16 sampling copy {2 * params / GIB:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
