@@ -88,7 +88,7 @@ def check_fast_paths(tokenizer, device) -> dict:
     return results
 
 
-def short_training(device, steps: int, quick: bool) -> dict:
+def short_training(device, steps: int, quick: bool, model: str) -> dict:
     """Part 2: grpo_mini.train on SmolLM2-135M at the GPU settings (--quick: a handful of tiny steps)."""
     settings = dict(prompts_per_step=2, num_generations=4, max_completion_length=16, max_tokens_per_micro_batch=4096) \
         if quick else GPU_SETTINGS
@@ -104,7 +104,8 @@ def short_training(device, steps: int, quick: bool) -> dict:
     gm.grpo_step = timed_step
     with tempfile.TemporaryDirectory() as out:
         cfg = gm.Config(max_steps=steps, eval_every=0, num_eval_problems=8 if quick else 64, save_every=0,
-                        save_model=False, device=str(device), output_dir=str(Path(out) / "run"), **settings)
+                        save_model=False, device=str(device), output_dir=str(Path(out) / "run"), model=model,
+                        **settings)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.time()
@@ -139,17 +140,18 @@ def main() -> int:
     parser.add_argument("--steps", type=at_least(1), default=10, help="training steps of part 2")
     parser.add_argument("--quick", action="store_true", help="tiny settings for part 2, and no TRL (the CPU test)")
     parser.add_argument("--output", default="runs/gpu_check/gpu_check.json")
+    parser.add_argument("--model", default=engine.DEFAULT_MODEL, help="part 2's model, and part 1's tokenizer")
     args = parser.parse_args()
     device = gm.pick_device(args.device)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _, tokenizer = engine.load_model_and_tokenizer(engine.DEFAULT_MODEL)
+    _, tokenizer = engine.load_model_and_tokenizer(args.model)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
               platform.machine(), "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     report["fast_paths"] = check_fast_paths(tokenizer, device)
     print(f"1. fast paths = plain forms: {all(r['ok'] for r in report['fast_paths'].values())} "
           f"{ {k: v['max_logp_gap'] for k, v in report['fast_paths'].items()} }", flush=True)
-    report["training"] = short_training(device, args.steps, args.quick)
+    report["training"] = short_training(device, args.steps, args.quick, args.model)
     print(f"2. training: {report['training']['tokens_per_s']:.0f} generated tokens/s, peak GPU memory "
           f"{report['training']['peak_gpu_memory_gib']} GiB, phases {report['training']['phase_seconds']}", flush=True)
     report["trl"] = {"skipped": "--quick"} if args.quick else against_trl(device)

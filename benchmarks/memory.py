@@ -1,19 +1,22 @@
 """benchmarks/memory.py: where a training run's memory goes, phase by phase (docs/PERFORMANCE.md's breakdown).
 
     python benchmarks/memory.py                          # the Quickstart's settings, 3 steps
-    python benchmarks/memory.py --steps 3 -- --max_tokens_per_micro_batch 1024 --no-keep_freed_memory
+    python benchmarks/memory.py --steps 8 -- --max_tokens_per_micro_batch 1024 --no-keep_freed_memory
+    python benchmarks/memory.py --steps 8 --trim                # glibc's malloc_trim(0) after every step
 
 It runs grpo_mini.train() in this process with every flag after `--` passed on, samples the process's resident memory
 (RSS) every 10 ms, and names the phase each sample falls in: loading the model, the sampling copy, evaluation,
 generation, the log-prob forward and backward, the optimiser step. For each phase it prints the RSS when the phase
 was first entered and the highest RSS seen in it, and at the end the run's peak (ru_maxrss, what `/usr/bin/time -v`
-reports as "Maximum resident set size"). The sizes it can compute exactly are printed beside: the fp32 weights, their
-gradients, AdamW's two moments, and the bf16 sampling copy.
+reports as "Maximum resident set size"), and grpo_step's phase seconds summed over the steps after the first. The
+sizes it can compute exactly are printed beside: the fp32 weights, their gradients, AdamW's two moments, and the bf16
+sampling copy. --trim returns the freed memory to the OS after every step (an experiment: docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import os
 import resource
@@ -82,8 +85,18 @@ class PhaseMemory:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=at_least(1), default=3, help="training steps")
+    parser.add_argument("--trim", action="store_true", help="call glibc's malloc_trim(0) after every step")
     parser.add_argument("flags", nargs="*", help="grpo_mini.py flags, after --")
     args = parser.parse_args()
+    phases, real_step = [], gm.grpo_step
+
+    def step(*step_args, **kwargs):  # grpo_step, its phase seconds kept (and the heap trimmed with --trim)
+        out = real_step(*step_args, **kwargs)
+        phases.append(out[3])
+        if args.trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return out
+    gm.grpo_step = step
     with tempfile.TemporaryDirectory() as out:
         cfg = gm.parse_config(argv=["--max_steps", str(args.steps), "--eval_every", "0", "--save_every", "0",
                                     "--no-save_model", "--output_dir", str(Path(out) / "run"), *args.flags])
@@ -108,6 +121,9 @@ def main() -> int:
         print(f"| {phase} | {'-' if entered is None else f'{entered / GIB:.2f}'} | {memory.peak[phase] / GIB:.2f} |")
     print("\nEvery call, in order (RSS on entry -> highest RSS during, GiB):")
     print("\n".join(f"  {phase}: {entry / GIB:.2f} -> {high / GIB:.2f}" for phase, entry, high in memory.calls))
+    later = phases[1:] or phases
+    print("grpo_step's seconds, summed over steps 2-" + str(len(phases)) + ": "
+          + ", ".join(f"{name} {sum(p.get(name, 0.0) for p in later):.1f}" for name in later[0]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\npeak RSS of the run (ru_maxrss): {peak / GIB:.2f} GiB")
     print(f"computed: {params / 1e6:.1f}M parameters: fp32 weights {4 * params / GIB:.2f} GiB, gradients "

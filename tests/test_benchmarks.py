@@ -24,6 +24,21 @@ def test_step_time_benchmark_runs():
     assert len(utilisation) == 1 and utilisation[0].count("%") == 4  # generation, ref, loss+backward, whole step
 
 
+def test_gpu_check_runs_its_cpu_path(tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    result = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--model", tiny_model_dir,
+                        "--steps", "2", "--output", out, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["fast_paths"]) == {"llama", "qwen2", "gemma3"}
+    assert all(r["ok"] and r["greedy_tokens_equal"] for r in report["fast_paths"].values())
+    assert report["training"]["steps"] == 2 and report["training"]["tokens_per_s"] > 0
+    assert set(report["training"]["phase_seconds"]) >= {"generate_s", "loss_backward_s", "optimizer_s"}
+    assert report["trl"] == {"skipped": "--quick"} and report["training"]["peak_gpu_memory_gib"] is None
+
+
 def test_phase_flops_counts_useful_work():
     from benchmarks.step_time import phase_flops
 

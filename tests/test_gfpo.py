@@ -74,7 +74,7 @@ def test_excess_length_reduction():
 def test_normaliser_counts_every_sampled_token_and_the_skip_is_exact(tiny_model, tiny_tokenizer):
     torch.manual_seed(0)
     cfg = gfpo.GFPOConfig(num_generations=6, num_remains_in_group=3, max_completion_length=10, device="cpu",
-                          max_tokens_per_micro_batch=10**6)
+                          max_tokens_per_micro_batch=10**6, dtype="fp32")  # exactness: bf16 rounding varies with shape
     problems = g.make_arithmetic_split(0, 2, 1)[0]
     ro = g.rollout(tiny_model, tiny_tokenizer, problems, cfg, torch.device("cpu"))
     ro.rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
