@@ -15,7 +15,8 @@ log-probs, advantages, the loss, the step, the training loop, evaluation. What i
     engine.py    the same numbers, faster: a static-cache sampler, a shared-prompt forward, chunked log-probs, and
                  the dtype / attention / memory choices. `--engine plain` runs this file's plain forms instead.
     tasks.py     the built-in tasks (generated word problems), the strict --data reader, the held-out split.
-    harness.py   running it for real: the run's flags, checkpoints and resume, safe exits, the CLI.
+    harness.py   running it for real: the run's flags, checkpoints and resume, safe exits.
+    flags.py     the command line, a --flag per config field with its docstring as the help.
     scaling.py   TensorBoard / wandb dashboards, torchrun over several GPUs, LoRA.
 
 Run it: `python grpo_mini.py` (the README's Quickstart), `python grpo_mini.py --help` (every flag, with its meaning).
@@ -43,6 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import engine
+import flags
 import harness
 import scaling
 import tasks
@@ -55,11 +57,11 @@ from engine import (DEFAULT_MODEL, GGUF_FILE, GGUF_PACKAGE, TokenLogProbs, autoc
                     micro_batch_logps, micro_batch_tensors, micro_batches, output_cache, pick_attention, pick_dtype,
                     refresh_sampling_model, sample_completions, save_model, select_groups, shared_prompt_logps,
                     token_budget_micro_batches, use_training_attention)  # noqa: F401
-from harness import (ATTENTIONS, CHECKPOINT, DTYPES, ENGINES, LOCK, MARKER, NothingToDo, REPORT_TO, RESUMABLE_CHANGES,
-                     RUN_FILES, Run, RunConfig, SafeExit, algorithm_of, build_parser, check_flags, check_output_dir,
-                     clear_run, field_docs, find_saved, is_our_config, pick_device, process_alive, read_checkpoint,
-                     read_json, release_lock, replace_dir, rng_state, run_cli, set_rng_state, set_seed, take_lock,
-                     write_checkpoint)  # noqa: F401
+from flags import NothingToDo, build_parser, field_docs, run_cli  # noqa: F401
+from harness import (ATTENTIONS, CHECKPOINT, DTYPES, ENGINES, LOCK, MARKER, REPORT_TO, RESUMABLE_CHANGES, RUN_FILES,
+                     Run, RunConfig, SafeExit, algorithm_of, check_flags, check_output_dir, clear_run, find_saved,
+                     is_our_config, pick_device, process_alive, read_checkpoint, read_json, release_lock, replace_dir,
+                     rng_state, set_rng_state, set_seed, take_lock, write_checkpoint)  # noqa: F401
 from scaling import (AdaptersOff, ConfigError, MetricsLog, SilentLog, TensorBoardReporter, WandbReporter, add_lora,
                      all_reduce_sum, distributed, init_distributed, is_lora, make_reporter, mean_record_over_ranks,
                      rank_device, say, scalars, step_record, step_totals, sum_gradients_over_ranks)  # noqa: F401
@@ -880,14 +882,14 @@ def evaluate(model, tokenizer, problems: list, cfg: Config, device: torch.device
 
 
 def parse_config(config_cls=Config, argv: Optional[list] = None, description: str = ""):
-    """A config from --flags: one per dataclass field, its docstring as the help (harness.build_parser)."""
-    return harness.parse_config(config_cls, argv, description)
+    """A config from --flags: one per dataclass field, its docstring as the help (flags.build_parser)."""
+    return flags.parse_config(config_cls, argv, description)
 
 
 def main(config_cls=Config, argv: Optional[list] = None, **train_kwargs) -> int:
     """Parse flags and train. Bad input: one line on stderr, exit 2; else 0, or 130 / 143 after Ctrl-C / SIGTERM,
-    once everything is saved (harness.run_cli)."""
-    return harness.run_cli(train, parse_config(config_cls, argv, description=(
+    once everything is saved (flags.run_cli)."""
+    return flags.run_cli(train, parse_config(config_cls, argv, description=(
         sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0]), **train_kwargs)
 
 

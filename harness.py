@@ -4,19 +4,16 @@
     Run           what train() wraps its loop in: the output directory's checks and lock, --resume, signals, a
                   checkpoint and model/ saved on every exit, metrics.jsonl, rank 0 only under torchrun (scaling.py)
     checkpoints   written whole or not at all, and resumed exactly
-    and the CLI, built from the config dataclasses' field docstrings.
+(flags.py builds the command line from the config dataclasses' field docstrings.)
 Bad input raises ConfigError, which the CLI prints as one line before any model loads.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -37,6 +34,7 @@ import torch
 
 import engine
 import scaling
+from flags import NothingToDo
 from scaling import ConfigError, say
 
 DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eager", "sdpa"), ("fast", "plain"), (
@@ -51,7 +49,7 @@ DTYPES, ATTENTIONS, ENGINES, REPORT_TO = ("auto", "fp32", "bf16"), ("auto", "eag
 @dataclass
 class RunConfig:
     """the run (harness.py): where, on what, and what is kept"""
-    support_flags = True  # not a field: build_parser lists this group last
+    support_flags = True  # not a field: flags.build_parser lists this group last
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, config.json and the trained model go"""
     seed: int = 0
@@ -317,10 +315,6 @@ def is_our_config(path: Path) -> bool:
         return {"num_generations", "loss_type", "output_dir"} <= set(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return False
-
-
-class NothingToDo(ConfigError):
-    """The run asked for is already complete: the CLI says so in one line and exits 0."""
 
 
 def take_lock(out: Path) -> None:
@@ -681,82 +675,3 @@ class Run:
         evals = {k: v for k, v in (("eval_before", self.eval_before), ("eval_after", self.eval_after)) if v is not None}
         return {**evals, "train_seconds": seconds, "steps": self.step, "interrupted": self.interrupted,
                 "exit_code": self.exits.exit_code if self.interrupted else 0, "model": model}
-
-
-# ======================================================================================================================
-# 3. The command line: a --flag per dataclass field, its docstring as the help
-# ======================================================================================================================
-
-
-def field_docs(cls) -> dict:
-    """Each dataclass field's docstring (the string literal on the line after it), for --help. Walks the MRO so
-    subclasses (SeedConfig, GFPOConfig) inherit the base docs."""
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body
-        for node, following in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
-                docs[node.target.id] = " ".join(following.value.value.split())  # wrapped lines joined
-    return docs
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
-    """--flags generated from the dataclass fields, grouped by the class that introduced them (the algorithm's
-    first, the run's last); both --num_generations (TRL's spelling) and --num-generations."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = field_docs(config_cls)
-    classes = [k for k in reversed(config_cls.__mro__) if dataclasses.is_dataclass(k)]  # the base first
-    owner = {f.name: next(k for k in classes if f.name in k.__dict__.get("__annotations__", {}))
-             for f in dataclasses.fields(config_cls)}
-    support = [k for k in reversed(classes) if k.__dict__.get("support_flags")]  # the data's, then the run's
-    for klass in [k for k in classes if k not in support] + support:
-        doc = klass.__doc__ or ""  # a dataclass without a docstring gets its signature as __doc__
-        group = parser.add_argument_group(doc.split("\n")[0] if not doc.startswith(klass.__name__ + "(") else
-                                          klass.__name__)
-        for f in [f for f in dataclasses.fields(config_cls) if owner[f.name] is klass]:
-            names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-            kwargs = dict(default=f.default, help=docs.get(f.name, ""), dest=f.name)
-            if f.type == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                base = {"int": int, "float": float, "str": str}[f.type.replace("Optional[", "").rstrip("]")]
-                kwargs["type"] = _parse_optional(base) if f.type.startswith("Optional") else base
-                kwargs["metavar"] = base.__name__.upper()
-            group.add_argument(*names, **kwargs)
-    return parser
-
-
-def parse_config(config_cls, argv: Optional[list] = None, description: str = ""):
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
-
-
-def run_cli(train: Callable, cfg, **train_kwargs) -> int:
-    """train(cfg) as the command line runs it; train() validates the flags before any model loads."""
-    try:
-        summary = train(cfg, **train_kwargs)
-    except NothingToDo as done:  # --resume of a finished run: say so, write nothing
-        say(str(done))
-        return 0
-    except (ConfigError, MemoryError, RuntimeError) as err:  # bad input; a reward function's bad output; or memory
-        out_of_memory = isinstance(err, MemoryError) or re.search(r"out of memory|allocate memory", str(err))
-        if not isinstance(err, ConfigError) and not out_of_memory:
-            raise
-        if out_of_memory:  # train() saved the last finished step first
-            err = (f"out of memory ({str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}"
-                   f"): lower --prompts_per_step, --num_generations, --max_completion_length or "
-                   f"--max_tokens_per_micro_batch")
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
-            say(f"error: {err}", file=sys.stderr)
-        return 2
-    return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved

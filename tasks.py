@@ -184,7 +184,7 @@ DATASET_FILES = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
 @dataclass
 class DataConfig:
     """your own data (tasks.py): prompts and answers instead of a built-in --task"""
-    support_flags = True  # not a field: harness.build_parser lists this group after the algorithm's
+    support_flags = True  # not a field: flags.build_parser lists this group after the algorithm's
     data: Optional[str] = None
     """training problems instead of the built-in --task: a .jsonl file of {"prompt": str, "answer": number or text}
     rows (GSM8K's "... #### 72" answers included), or through `datasets` (pip install datasets) a hub name

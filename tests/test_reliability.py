@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import engine
+import flags
 import gfpo
 import grpo_mini as g
 import harness
@@ -269,10 +270,10 @@ def test_out_of_memory_is_one_line():
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert harness.run_cli(train, g.Config()) == 2
+        assert flags.run_cli(train, g.Config()) == 2
     assert err.getvalue().startswith("error: out of memory (") and "lower --prompts_per_step" in err.getvalue()
     with pytest.raises(RuntimeError, match="another error"):  # other errors keep their traceback
-        harness.run_cli(lambda cfg: (_ for _ in ()).throw(RuntimeError("another error")), g.Config())
+        flags.run_cli(lambda cfg: (_ for _ in ()).throw(RuntimeError("another error")), g.Config())
 
 
 def test_a_gfpo_metric_that_returns_nan_is_refused(tmp_path, monkeypatch):
@@ -342,7 +343,7 @@ def test_benchmark_command_lines_answer_bad_input_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the layering
-LAYERS = ["scaling", "engine", "harness", "tasks", "grpo_mini", "semantic_entropy", "seed_grpo", "gfpo", "tree_grpo"]
+LAYERS = ["scaling", "flags", "engine", "harness", "tasks", "grpo_mini", "semantic_entropy", "seed_grpo", "gfpo", "tree_grpo"]
 
 
 def test_every_module_imports_only_modules_below_it_by_name():
