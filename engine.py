@@ -172,6 +172,31 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> None:
+    """One line, before the first rollout, when a step's sampling cannot fit in memory: `rows` sequences (B x G) of up
+    to `tokens` (prompt + completion) need a KV cache of rows x tokens x layers x 2 x kv_heads x head_dim bf16 values,
+    and each decode step three [rows, vocabulary] fp32 tensors (logits, probabilities, their cumulative sum). Only
+    the gross case is refused (half again more than all the memory available now: the step needs more than the
+    sampling alone); a smaller excess fails, or swaps, later."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, width = getattr(config, "num_hidden_layers", 1), getattr(config, "hidden_size", 1)
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_width = getattr(config, "num_key_value_heads", heads) * getattr(config, "head_dim", None) or width
+    need = rows * tokens * layers * 2 * kv_width * 2 + 3 * rows * getattr(config, "vocab_size", 1) * 4
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            available = int(meminfo["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return
+    if 1.5 * need > available:
+        raise ConfigError(f"--prompts_per_step x --num_generations = {rows} rows of up to {tokens} tokens need about "
+                          f"{need / 2**30:.1f} GiB to sample (and the step more), with {available / 2**30:.1f} GiB "
+                          f"available: ask for fewer rows or tokens")
+
+
 # ======================================================================================================================
 # 3. Fast sampling: the same distribution as model.generate, each prompt prefilled once
 # ======================================================================================================================

@@ -814,6 +814,8 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
         tasks.check_prompt_lengths(train_set + eval_set, prompt_tokens,  # a --data row too long: one line, file:line
                                    getattr(model.config, "max_position_embeddings", 2**31), cfg.max_completion_length)
         model.to(device)
+        engine.check_rollout_fits(model, cfg.prompts_per_step * cfg.num_generations, cfg.max_completion_length
+                                  + max(prompt_tokens(p.prompt) for p in train_set[:16]), device)
         sampling_attention = engine.use_training_attention(model, cfg.attn_implementation, device, run.dtype)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         if cfg.lora_r:

@@ -260,6 +260,13 @@ def test_a_completion_length_beyond_the_context_is_one_line_after_loading(tiny_m
                                                                                         "max_completion_length": 510}))
 
 
+def test_a_rollout_that_cannot_fit_in_memory_is_one_line_before_it_starts(tiny_model_dir, tmp_path):
+    with pytest.raises(g.ConfigError, match=r"--prompts_per_step x --num_generations = 10000000 rows of up to \d+ "
+                                            r"tokens need about [\d.]+ GiB to sample"):
+        g.train(g.Config(model=str(tiny_model_dir), output_dir=str(tmp_path / "a"),
+                         **{**TINY, "prompts_per_step": 10_000, "num_generations": 1000, "num_train_problems": 10}))
+
+
 def test_out_of_memory_is_one_line():
     def train(cfg):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
