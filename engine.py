@@ -180,8 +180,9 @@ def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> N
     sampling alone); a smaller excess fails, or swaps, later."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers, width = getattr(config, "num_hidden_layers", 1), getattr(config, "hidden_size", 1)
-    heads = getattr(config, "num_attention_heads", 1)
-    kv_width = getattr(config, "num_key_value_heads", heads) * getattr(config, "head_dim", None) or width
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     need = rows * tokens * layers * 2 * kv_width * 2 + 3 * rows * getattr(config, "vocab_size", 1) * 4
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
