@@ -532,9 +532,13 @@ def tree_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, tree_inde
     """
     rewards = rewards.float()
     inter = standardise_within(rewards, prompt_index, eps)
-    trees = prompt_index.long() * (int(tree_index.max()) + 1) + tree_index.long()  # a unique id per (prompt, tree)
-    intra = standardise_within(rewards, trees, eps)
+    intra = standardise_within(rewards, tree_ids(prompt_index, tree_index), eps)
     return inter + intra
+
+
+def tree_ids(prompt_index: torch.Tensor, tree_index: torch.Tensor) -> torch.Tensor:
+    """A unique id per (prompt, tree) pair: tree ids repeat across prompts."""
+    return prompt_index.long() * (int(tree_index.max()) + 1) + tree_index.long()
 
 
 def tree_advantage_fn(cfg: TreeConfig):
@@ -558,7 +562,7 @@ def mixed_tree_share(rewards: torch.Tensor, prompt_index: torch.Tensor, tree_ind
     """The share of trees whose leaves disagree (some right, some wrong): only there is A_intra non-zero. With 3
     leaves a tree and a low success rate it is mostly 0, and then the tree's own credit cannot matter.
         rewards tree 0 [1, 1, 0], tree 1 [0, 0, 0] (one prompt) -> 1 of 2 trees mixed -> 0.5"""
-    trees = prompt_index.long() * (int(tree_index.max()) + 1) + tree_index.long()
+    trees = tree_ids(prompt_index, tree_index)
     ids = torch.unique(trees)
     return sum(bool(rewards[trees == t].max() != rewards[trees == t].min()) for t in ids) / ids.numel()
 

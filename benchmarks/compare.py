@@ -153,7 +153,11 @@ def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
 def finished_run(method: str, flags: list, run_dir: Path) -> bool:
     """--reuse: whether run_dir already holds a finished run made with exactly these flags (its config.json equals
     the config the flags give, and its metrics.jsonl ends with the eval after the last step)."""
-    stored, wanted = stored_and_wanted(method, flags, run_dir)
+    return ended(run_dir, *stored_and_wanted(method, flags, run_dir))
+
+
+def ended(run_dir: Path, stored, wanted) -> bool:
+    """finished_run, given stored_and_wanted's pair."""
     try:
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     except (OSError, ValueError, IndexError):
@@ -173,10 +177,9 @@ def plan_run(method: str, seed: int, settings: dict, out_dir: Path, overwrite: b
     run_dir = out_dir / f"{method}_seed{seed}"
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return "train"
-    flags = run_flags(method, seed, settings, run_dir)
-    if reuse and finished_run(method, flags, run_dir):
+    stored, wanted = stored_and_wanted(method, run_flags(method, seed, settings, run_dir), run_dir)
+    if reuse and ended(run_dir, stored, wanted):
         return "reuse"
-    stored, wanted = stored_and_wanted(method, flags, run_dir)
     if overwrite or (reuse and stored == wanted):
         return "train"
     raise SystemExit(f"error: {run_dir} holds an earlier run {'with other flags ' if reuse else ''}(nothing was "
