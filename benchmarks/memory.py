@@ -3,6 +3,7 @@
     python benchmarks/memory.py                          # the Quickstart's settings, 3 steps
     python benchmarks/memory.py --steps 8 -- --max_tokens_per_micro_batch 1024 --no-keep_freed_memory
     python benchmarks/memory.py --steps 8 --trim                # glibc's malloc_trim(0) after every step
+    python benchmarks/memory.py --steps 1 --json out.json -- --model DIR   # the numbers as JSON too (benchmarks/fit.py)
 
 It runs grpo_mini.train() in this process with every flag after `--` passed on, samples the process's resident memory
 (RSS) every 10 ms, and names the phase each sample falls in: loading the model, the sampling copy, evaluation,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import json
 import os
 import resource
 import sys
@@ -86,13 +88,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=at_least(1), default=3, help="training steps")
     parser.add_argument("--trim", action="store_true", help="call glibc's malloc_trim(0) after every step")
+    parser.add_argument("--json", type=Path, help="also write every number printed here to this JSON file")
     parser.add_argument("flags", nargs="*", help="grpo_mini.py flags, after --")
     args = parser.parse_args()
-    phases, real_step = [], gm.grpo_step
+    phases, rollouts, real_step = [], [], gm.grpo_step
 
-    def step(*step_args, **kwargs):  # grpo_step, its phase seconds kept (and the heap trimmed with --trim)
+    def step(*step_args, **kwargs):  # grpo_step, its phase seconds and rollout shape kept (heap trimmed with --trim)
         out = real_step(*step_args, **kwargs)
+        ro = out[0]
         phases.append(out[3])
+        rollouts.append({"rows": ro.completion_ids.size(0), "prompt_tokens": ro.prompt_ids.size(1),
+                         "completion_tokens": ro.completion_ids.size(1)})  # padded widths
         if args.trim:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         return out
@@ -113,6 +119,7 @@ def main() -> int:
             summary = gm.train(cfg)
         model = summary["model"]
         params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\n{Path(sys.argv[0]).name}: {args.steps} steps of the Quickstart's settings"
           f"{' with ' + ' '.join(args.flags) if args.flags else ''}; RSS in GiB (process start: {start / GIB:.2f})\n")
     print("| phase | RSS when first entered | highest RSS in it |\n|---|---|---|")
@@ -128,6 +135,14 @@ def main() -> int:
     print(f"\npeak RSS of the run (ru_maxrss): {peak / GIB:.2f} GiB")
     print(f"computed: {params / 1e6:.1f}M parameters: fp32 weights {4 * params / GIB:.2f} GiB, gradients "
           f"{4 * params / GIB:.2f}, AdamW moments {8 * params / GIB:.2f}, bf16 sampling copy {2 * params / GIB:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "flags": args.flags, "steps": args.steps, "process_start_rss": start, "peak_rss": peak,
+            "parameters": params, "trainable_parameters": trainable,
+            "phases": {phase: {"entered": memory.entered.get(phase), "peak": memory.peak[phase]}
+                       for phase in sorted(memory.peak)},
+            "calls": [{"phase": phase, "entered": entry, "peak": high} for phase, entry, high in memory.calls],
+            "rollouts": rollouts, "phase_seconds": phases}, indent=1))
     return 0
 
 

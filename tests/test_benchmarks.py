@@ -59,3 +59,73 @@ def test_plot_run_on_an_unplottable_metrics_file_is_one_line(tmp_path, content, 
     result = run_script("benchmarks/plot_run.py", tmp_path, timeout=120)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and not (tmp_path / "metrics.png").exists()
+
+
+def test_memory_report_names_each_phase_and_the_rollout(tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "memory.json"
+    result = run_script("benchmarks/memory.py", "--steps", "2", "--json", out, "--", "--model", tiny_model_dir,
+                        "--prompts_per_step", "2", "--max_completion_length", "8", "--num_eval_problems", "2",
+                        "--num_train_problems", "20", "--device", "cpu", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [call["phase"][0] for call in report["calls"]].count("4") == 2  # a generation per step
+    assert {"4 generation", "5 log-probs, loss and backward", "6 optimiser step"} <= set(report["phases"])
+    assert all(call["peak"] >= call["entered"] > 0 for call in report["calls"])
+    assert report["peak_rss"] >= max(call["peak"] for call in report["calls"]) * 0.99
+    assert [r["rows"] for r in report["rollouts"]] == [2 * 8, 2 * 8]  # 2 prompts x the default G
+    assert all(r["completion_tokens"] <= 8 for r in report["rollouts"])
+    assert report["trainable_parameters"] == report["parameters"] > 0
+    assert "peak RSS of the run" in result.stdout
+
+
+def test_fit_prediction_is_the_docstrings_worked_example():
+    from benchmarks import fit
+
+    inc = {"prompt_tokens": 0, "generation_per_token": 10, "backward_per_token": 2}
+    assert fit.predict(100, 100, True, inc, 16384) == 657160
+    assert fit.predict(100, 100, True, {**inc, "generation_per_token": 1}, 1024) == 67336
+    lora_like = fit.predict(100, 10, False, {**inc, "generation_per_token": 0}, 16384)  # no reference copy
+    assert lora_like == 4 * 100 + 2 * 100 + 8 * 10 + 4 * 10 + 2 * 32 * 512
+
+
+def test_fit_reads_the_increments_of_a_memory_report():
+    from benchmarks import fit
+
+    report = {"trainable_parameters": 100, "rollouts": [{"rows": 4, "prompt_tokens": 3, "completion_tokens": 7}],
+              "calls": [{"phase": "3 evaluation", "entered": 0, "peak": 99},
+                        {"phase": "4 generation", "entered": 1000, "peak": 1400},
+                        {"phase": "5 log-probs, loss and backward", "entered": 1100, "peak": 1900},
+                        {"phase": "4 generation", "entered": 5000, "peak": 9000}]}  # a later step: not read
+    inc = fit.increments(report)
+    assert inc["generation_per_token"] == 400 / 40 and inc["prompt_tokens"] == 3 and inc["rows"] == 4
+    assert inc["backward_per_token"] == (800 - 400) / 40  # less the fp32 gradients, 4 bytes a trained parameter
+    assert "measured: CPU peak RSS, 1 x 8 rows of 16 tokens" in fit.table([], 1, 16)
+
+
+def test_fit_table_reads_an_earlier_report(tmp_path):
+    import json
+
+    gib = 2**30
+    inc = {"prompt_tokens": 0, "generation_per_token": 0, "backward_per_token": gib / 2**12}  # 16 GiB at 2**16 tokens
+    rows = [{"model": "m", "training": "full", "parameters": gib // 22, "trainable_parameters": gib // 22,
+             "measured_peak": 3 * gib, "predicted": 20 * gib, "predicted_4096": 10 * gib, "increments": inc},
+            {"model": "m", "training": "LoRA r=16", "parameters": gib // 6, "trainable_parameters": 0,
+             "measured_peak": None, "predicted": 90 * gib, "predicted_4096": 40 * gib, "increments": inc}]
+    earlier = tmp_path / "fit.json"
+    earlier.write_text(json.dumps({"prompts": 2, "completion_tokens": 64, "rows": rows}))
+    result = run_script("benchmarks/fit.py", "--table", earlier)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| m |")]
+    # full: fixed about 1 GiB, + 4/22 GiB of gradients, + 0.25 GiB per 1024 tokens; the largest that fits, + 1 GiB:
+    # 16 GB (14.9 GiB): 16384 tokens need 1 + 0.18 + 4 + 1 = 6.2 GiB, so 16384 fits every card
+    assert lines[0] == "| m | full | 3.0 GiB | 20.0 / 10.0 GiB | 16384 | 16384 | 16384 | 16384 |"
+    big = {**inc, "backward_per_token": 4 * gib / 2**10}  # 4 GiB a 1024 tokens: 16384 -> 64 GiB
+    rows[1]["increments"] = big
+    earlier.write_text(json.dumps({"prompts": 2, "completion_tokens": 64, "rows": rows}))
+    lines = [line for line in run_script("benchmarks/fit.py", "--table", earlier).stdout.splitlines()
+             if line.startswith("| m | LoRA")]
+    # LoRA: fixed 1 GiB, + 1 GiB; 2048 tokens: 10 GiB; 4096: 18; 8192: 34; 16384: 66. Cards of 16, 24, 48, 80 GB
+    # hold 14.9, 22.4, 44.7 and 74.5 GiB
+    assert lines[0] == "| m | LoRA r=16 | - (over 24 GiB) | 90.0 / 40.0 GiB | 2048 | 4096 | 8192 | 16384 |"
