@@ -1,7 +1,7 @@
 """benchmarks/fit.py: will it fit? One training step of bigger models, its peak memory measured on the CPU, and what
 that predicts for the README's GPU settings on one GPU (the README's "Will it fit?" table).
 
-    python benchmarks/fit.py                                  # the four rows below, about 10 minutes on 2 CPU cores
+    python benchmarks/fit.py                                  # the four rows below, about 5 minutes on 2 CPU cores
     python benchmarks/fit.py --models qwen2.5-0.5b --prompts 1
     python benchmarks/fit.py --table runs/fit/fit.json           # the table again, from an earlier run's JSON
 
@@ -186,13 +186,14 @@ def main() -> int:
             params, trainable = report["parameters"], report["trainable_parameters"]
             training, train_params = (f"LoRA r={lora_r}", trainable) if lora_r else ("full", params)
             rows = [(training, train_params, not lora_r, report["peak_rss"])]
-            if lora_r:  # full fine-tuning of the same model: predicted only (see the module docstring)
-                rows.append(("full", params, True, None))
+            if lora_r:  # full fine-tuning of the base model (no adapters): predicted only (the module docstring)
+                rows.append(("full", params - trainable, True, None))
             for training, train_params, full_reference, measured in rows:
-                results.append({"model": name, "training": training, "parameters": params,
+                total = params if measured else train_params
+                results.append({"model": name, "training": training, "parameters": total,
                                 "trainable_parameters": train_params, "increments": inc, "measured_peak": measured,
-                                "predicted": predict(params, train_params, full_reference, inc, MICRO_BATCH_TOKENS),
-                                "predicted_4096": predict(params, train_params, full_reference, inc, 4096)})
+                                "predicted": predict(total, train_params, full_reference, inc, MICRO_BATCH_TOKENS),
+                                "predicted_4096": predict(total, train_params, full_reference, inc, 4096)})
             results[-len(rows)]["report"] = report
             print("\n".join(table(results[-len(rows):]).splitlines()[2:]), flush=True)
     text = table(results, args.prompts, args.completion_tokens)
