@@ -27,8 +27,9 @@ PREDICTED (for 16 prompts x 8 completions of 512 tokens on one GPU, a later step
                             4 per trainable parameter + backward per token x the micro-batch's tokens)
     Linear in tokens: an estimate, slightly high for generation (the sampling buffers are per row, not per token).
     A card fits when the prediction plus 1 GiB (CUDA context and allocator slack, not measured) is at most its
-    memory; the table gives, per card, the largest --max_tokens_per_micro_batch (16384 down to 1024) that fits. Qwen2.5-1.5B full fine-tuning needs more than this machine's 24 GiB, so its row is predicted from its
-    LoRA run's per-token increments (the same activations; LoRA's own are small) with full fine-tuning's fixed part.
+    memory; the table gives, per card, the largest --max_tokens_per_micro_batch (16384 down to 1024) that fits.
+    Qwen2.5-1.5B full fine-tuning needs more than this machine's 24 GiB, so its row is predicted from its LoRA run's
+    per-token increments (the same activations; LoRA's own are small) with the base model's full fine-tuning.
 """
 
 from __future__ import annotations
