@@ -19,9 +19,12 @@ import traceback
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from scaling import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the task code itself needs no torch
+    import torch
 
 NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies", "cards"]

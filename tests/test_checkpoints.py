@@ -18,7 +18,6 @@ import torch
 import gfpo
 import engine
 import grpo_mini as g
-import harness
 import tasks
 from conftest import ROOT, TINY_RUN_FLAGS, run_script
 
