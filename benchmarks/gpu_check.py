@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py                       # on a CUDA GPU; writes runs/gpu_check/gpu_check.json
     python benchmarks/gpu_check.py --device cpu --quick  # the same code path on the CPU (what the test suite runs)
 
-1. The fast paths against the plain forms, on the device: on tiny random Llama, Qwen2 and Gemma 3 models, the fast
+1. The fast paths against the plain forms, on the device: on a tiny random model of each of the eight families of
+   benchmarks/architectures.py (Llama, Qwen2, Qwen3, Gemma 3, Mistral, Phi-3, GPT-2, OLMo 2), the fast
    sampler's greedy tokens must equal model.generate's, and the shared-prompt log-probs the full forward's, within
    bf16 tolerance under bf16 autocast (fp32: 1e-4).
 2. A short training run of SmolLM2-135M (grpo_mini.train, --dtype auto: bf16 on CUDA) at the README's GPU settings,
@@ -31,32 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import grpo_mini as gm  # noqa: E402
+from benchmarks.architectures import ARCHITECTURES, tiny_model  # noqa: E402
 from benchmarks.cli import at_least, run_main  # noqa: E402
 
-FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-            "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                       {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]})}
 GPU_SETTINGS = dict(prompts_per_step=16, num_generations=8, max_completion_length=256, max_tokens_per_micro_batch=16384)
-
-
-def tiny_model(family: str, tokenizer, device):
-    import transformers
-
-    config_name, model_name, own = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **own)
-    model = getattr(transformers, model_name)(config)
-    with torch.no_grad():  # weights large enough that greedy decoding varies its tokens
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.5)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = (tokenizer.eos_token_id,
-                                                                                  tokenizer.pad_token_id)
-    return model.to(device).eval()
 
 
 def check_fast_paths(tokenizer, device) -> dict:
@@ -65,7 +44,7 @@ def check_fast_paths(tokenizer, device) -> dict:
     ids, mask = gm.encode_prompts(tokenizer, problems, device)
     eos = gm.eos_token_ids(tiny_model("llama", tokenizer, device), tokenizer)
     results = {}
-    for family in FAMILIES:
+    for family in ARCHITECTURES:
         model = tiny_model(family, tokenizer, device)
         fast, _ = engine.sample_completions(model, ids, mask, repeats=1, max_new_tokens=16, eos_ids=eos,
                                             pad_id=tokenizer.pad_token_id, greedy=True)

@@ -2,48 +2,19 @@
 (built offline in a second), whose fast sampler must give model.generate's greedy tokens, whose shared-prompt
 log-probs must equal the full forward's, and which must train two steps with the bf16 sampling copy.
 
-Where a new architecture breaks first is the fast sampler's use of the cache internals (expand_cache_rows,
-batch_select_indices): sliding-window layers (Gemma 3, with a window smaller than the prompt), fused projections
-(Phi-3), learned positions (GPT-2), and each family's own norms and attention."""
+The models and why these families: benchmarks/architectures.py (benchmarks/gpu_check.py checks the same on a GPU)."""
 
 import pytest
 import torch
-import transformers
 
 import engine
 import grpo_mini as g
-
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512)
-ARCHITECTURES = {  # family -> (config class, model class, the config's own settings)
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # a window of 8 is smaller than every prompt here
-               {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj and gate_up_proj
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),  # learned absolute positions
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-}
+from benchmarks import architectures
+from benchmarks.architectures import ARCHITECTURES
 
 
 def build(family: str, tokenizer):
-    config_name, model_name, own = ARCHITECTURES[family]
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    if family == "gpt2":
-        settings = dict(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids)
-    else:
-        settings = dict(vocab_size=len(tokenizer), tie_word_embeddings=False, **COMMON, **own, **ids)
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**settings)).eval()
-    with torch.no_grad():  # larger weights than the default init, untied: greedy decoding then varies its tokens
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.5)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["eos_token_id"], ids["pad_token_id"]
-    return model
+    return architectures.tiny_model(family, tokenizer)
 
 
 def prompts(tokenizer, n=3):
