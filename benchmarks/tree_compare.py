@@ -2,6 +2,7 @@
 
     python benchmarks/tree_compare.py probe              # the untrained model on candidate settings (about 10 min)
     python benchmarks/tree_compare.py --seeds 0 1 2 3 4 5 --reuse   # the paired comparison (resumable)
+    python benchmarks/tree_compare.py --seeds 0 1 2 3 4 5 --methods tree_grpo chains_equal_tokens --reuse  # no ablation
     python benchmarks/tree_compare.py --set max_steps=2 num_eval_problems=4 --output_dir runs/tree_quick   # a look
 
 Why. Tree-GRPO's paper (arXiv 2509.21240) claims two things: at the same number of generated tokens, sharing turn
@@ -135,19 +136,20 @@ def method_settings(method: str, settings: dict, budget: int) -> dict:
     return settings
 
 
-def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, budget: int = BUDGET) -> dict:
-    """Train the three methods for every seed; return {method: [run, ...one per seed]} with each run's records and
+def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, budget: int = BUDGET,
+            methods: list = METHODS) -> dict:
+    """Train the methods for every seed; return {method: [run, ...one per seed]} with each run's records and
     numbers (main has checked with plan_run that nothing it was not asked to replace is in the way)."""
-    runs = {m: [] for m in METHODS}
+    runs = {m: [] for m in methods}
     for seed in seeds:
-        for m in METHODS:
+        for m in methods:
             runs[m].append(run_method(m, seed, method_settings(m, settings, budget), out_dir, reuse))
     for per_seed in runs.values():
         for run in per_seed:
             run["numbers"] = run_numbers(run)
-    for i in range(len(seeds)):  # the AUC of every method at one budget per seed: the smallest total of the three
-        budget = min(runs[m][i]["numbers"]["tokens_total"] for m in METHODS)
-        for m in METHODS:
+    for i in range(len(seeds)):  # the AUC of every method at one budget per seed: the smallest total of its methods
+        budget = min(runs[m][i]["numbers"]["tokens_total"] for m in methods)
+        for m in methods:
             runs[m][i]["numbers"]["auc"] = success_token_auc(runs[m][i]["numbers"]["points"], budget)
             runs[m][i]["numbers"]["auc_budget"] = budget
     return runs
@@ -155,22 +157,22 @@ def compare(seeds: list, settings: dict, out_dir: Path, reuse: bool, budget: int
 
 def results_table(runs: dict, seeds: list, settings: dict, budget: int) -> str:
     col = lambda m, key: [r["numbers"][key] for r in runs[m]]  # noqa: E731
-    mixed = [r.get("mixed_trees") for run in runs["tree_grpo"] for r in run["records"] if "reward" in r]
+    mixed = [r.get("mixed_trees") for run in runs.get("tree_grpo", []) for r in run["records"] if "reward" in r]
     lines = [f"settings {settings}, seeds {seeds}; the chains' budget {budget} tokens a step, fixed before the runs; "
              f"mean ± std over seeds; trees whose leaves disagree (A_intra != 0): "
              f"{mean_std([m for m in mixed if m is not None])} of Tree-GRPO's trees a step", "",
              "| method | held-out success before -> after | mean success over the first B tokens (AUC) | tokens per "
              "step | rows per prompt | training success, last 4 steps | wall s |", "|" + "---|" * 7]
-    for m in METHODS:
+    for m in runs:
         lines.append(f"| {m} | {mean_std(col(m, 'success_before'))} -> {mean_std(col(m, 'success_after'))} | "
                      f"{mean_std(col(m, 'auc'))} | {mean_std(col(m, 'tokens_per_step'))} | "
                      f"{mean_std(col(m, 'rows_per_prompt'))} | {mean_std(col(m, 'train_success'))} | "
                      f"{mean_std(col(m, 'wall_s'))} |")
-    lines += ["", "B: per seed, the smallest total of generated tokens among the three runs of that seed.", "",
+    lines += ["", "B: per seed, the smallest total of generated tokens among the runs of that seed.", "",
               "| seed | method | held-out success at each eval (cumulative tokens) | AUC | tokens per step |",
               "|---|---|---|---|---|"]
     for i, seed in enumerate(seeds):
-        for m in METHODS:
+        for m in runs:
             n = runs[m][i]["numbers"]
             evals = " -> ".join(f"{acc:.3f} ({tokens / 1000:.1f}k)" for tokens, acc in n["points"])
             lines.append(f"| {seed} | {m} | {evals} | {n['auc']:.3f} (B = {n['auc_budget'] / 1000:.1f}k) | "
@@ -269,6 +271,8 @@ def main() -> int:
                         "the same flags, and train only the others")
     parser.add_argument("--budget", type=at_least(1), default=BUDGET, help="the chains' generated tokens per step, "
                         "fixed before the runs (the default: the untrained trees' cost on HARD, from the probe)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="the methods to run (the "
+                        "issue's comparison is tree_grpo against chains_equal_tokens; tree_inter is the ablation)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results and runs already in "
                         "--output_dir (with --reuse: only the runs that did not finish with the same flags)")
     parser.add_argument("--model", default=tree_grpo.TreeConfig.model, help="probe: the model to measure")
@@ -296,18 +300,19 @@ def main() -> int:
     except (tree_grpo.ConfigError, TypeError) as err:
         raise SystemExit(f"error: --set: {err}")
     for seed in args.seeds:  # before any run: nothing of an earlier comparison is replaced unless asked
-        for method in METHODS:
+        for method in args.methods:
             plan_run(method, seed, method_settings(method, settings, args.budget), out_dir, args.overwrite, args.reuse)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = compare(args.seeds, settings, out_dir, args.reuse, args.budget)
+    runs = compare(args.seeds, settings, out_dir, args.reuse, args.budget, args.methods)
     text = results_table(runs, args.seeds, settings, args.budget)
     paired_numbers = {}
     if len(args.seeds) > 1:
         from benchmarks.paired import paired_tables, plot_paired
 
-        values = {m: {key: [r["numbers"][key] for r in runs[m]] for key, _ in PAIRED_METRICS} for m in METHODS}
-        paired_text, paired_numbers = paired_tables(values, PAIRS, PAIRED_METRICS)
-        drawn = plot_paired(values, PAIRS, "success_after", "final held-out success", out_dir / "paired.png")
+        values = {m: {key: [r["numbers"][key] for r in runs[m]] for key, _ in PAIRED_METRICS} for m in runs}
+        pairs = [pair for pair in PAIRS if set(pair) <= set(runs)]
+        paired_text, paired_numbers = paired_tables(values, pairs, PAIRED_METRICS)
+        drawn = plot_paired(values, pairs, "success_after", "final held-out success", out_dir / "paired.png")
         text += (f"\n\nPaired over seeds {args.seeds} (method - baseline at the same seed; 95% t intervals; two-sided "
                  f"Wilcoxon signed-rank p){'; paired.png draws it' if drawn else ''}:\n\n{paired_text}")
     (out_dir / "results.md").write_text(text + "\n")

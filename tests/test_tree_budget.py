@@ -127,6 +127,18 @@ def test_tree_compare_end_to_end(tiny_model_dir, tmp_path):
     assert "trees whose leaves disagree" in results
     metrics = [json.loads(line) for line in (out / "tree_grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["mixed_trees"] <= 1 for r in metrics if "reward" in r)
+    # the two methods only, from the same finished runs (--reuse): one pair, its AUC budget over the two
+    result = run_script("benchmarks/tree_compare.py", "--output_dir", out, "--seeds", "0", "1", "--budget", "40",
+                        "--methods", "tree_grpo", "chains_equal_tokens", "--reuse", "--overwrite",
+                        "--set", f"model={tiny_model_dir}", "max_steps=2", "prompts_per_step=2", "num_eval_problems=2",
+                        "num_train_problems=8", "eval_every=1", "max_turn_tokens=4", "device=cpu", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("reusing the finished run") == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_seed"]) == {"tree_grpo", "chains_equal_tokens"}
+    assert set(summary["paired"]) == {"tree_grpo vs chains_equal_tokens"}
+    assert summary["per_seed"]["tree_grpo"]["0"]["auc_budget"] == min(tree["tokens_total"], chains["tokens_total"])
+    assert "| tree_inter |" not in (out / "results.md").read_text()
 
 
 def test_tree_compare_probe_end_to_end(tiny_model_dir, tmp_path):
