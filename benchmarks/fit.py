@@ -16,15 +16,17 @@ a step keeps grows linearly with its tokens: the KV cache, the activations and t
 keeps no [T, T] matrix for the backward, with a mask or without (measured: 8 layers of 16 x 15 heads keep 0.08 GiB
 at T = 256 and 0.19 at 512), as a GPU's flash or memory-efficient kernel keeps none.
 
-MEASURED (on this CPU, the small step): the run's peak RSS, and two increments, per token of the rollout:
-    generation   RSS peak during the rollout minus RSS entering it (the KV cache and the sampling buffers)
+MEASURED (on this CPU, the small step): the run's peak RSS, and two increments:
+    generation   RSS peak during the rollout minus RSS entering it (the KV cache and the sampling buffers), per
+                 token of its rows (prompt + completion: the cache holds each row's copy of its prompt)
     backward     RSS peak during log-probs, loss and backward minus RSS entering it, less the fp32 gradients
-                 (4 bytes per trainable parameter): the activations and logits of the micro-batch
+                 (4 bytes per trainable parameter): the activations and logits of the micro-batch, per token it
+                 forwards (each distinct prompt once, every completion: forwarded_tokens)
 PREDICTED (for 16 prompts x 8 completions of 512 tokens on one GPU, a later step, whose AdamW moments exist):
     fixed       fp32 weights 4, bf16 sampling copy 2, AdamW 8 bytes per trainable parameter, and for full fine-tuning
                 with beta > 0 an fp32 reference copy 4 (LoRA's reference is the same model with its adapters off)
     peak        fixed + max(generation per token x 128 rows x their tokens,
-                            4 per trainable parameter + backward per token x the micro-batch's tokens)
+                            4 per trainable parameter + backward per token x the micro-batch's forwarded tokens)
     Linear in tokens: an estimate, slightly high for generation (the sampling buffers are per row, not per token).
     A card fits when the prediction plus 1 GiB (CUDA context and allocator slack, not measured) is at most its
     memory; the table gives, per card, the largest --max_tokens_per_micro_batch (16384 down to 1024) that fits.
@@ -46,11 +48,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cli import at_least, run_main  # noqa: E402
 
 GIB = 2**30
-ROWS_ON_GPU, MICRO_BATCH_TOKENS = 16 * 8, 16384  # the README's --prompts_per_step 16 x --num_generations 8
+G, ROWS_ON_GPU, MICRO_BATCH_TOKENS = 8, 16 * 8, 16384  # the README's --prompts_per_step 16 x --num_generations 8
 CARDS_GB = (16, 24, 48, 80)
 MICRO_BATCHES = (16384, 8192, 4096, 2048, 1024)  # --max_tokens_per_micro_batch; a 512-token row needs 1024
 GPU_COMPLETION_TOKENS = 512
-README_GPU_FLAGS = ["--num_generations", "8", "--beta", "0.04",
+README_GPU_FLAGS = ["--num_generations", str(G), "--beta", "0.04",
                     "--learning_rate", "1e-6", "--max_tokens_per_micro_batch", str(MICRO_BATCH_TOKENS),
                     "--attn_implementation", "sdpa", "--no-keep_freed_memory", "--num_eval_problems", "1"]
 # The published configs (config.json on the hub), as transformers classes and arguments.
@@ -113,16 +115,25 @@ def first_call(report: dict, phase_prefix: str) -> dict:
     return next(call for call in report["calls"] if call["phase"].startswith(phase_prefix))
 
 
+def forwarded_tokens(rows: int, prompt_tokens: int, completion_tokens: int) -> int:
+    """Tokens the training forward runs for `rows` rows in groups of G: each distinct prompt once (the shared-prompt
+    forward), every completion. The micro-batch budget counts prompt + completion per row instead. 16 rows of 64 + 64
+    tokens -> 2 x 64 + 16 x 64 = 1152 forwarded (2048 counted)."""
+    return -(-rows // G) * prompt_tokens + rows * completion_tokens
+
+
 def increments(report: dict) -> dict:
-    """The measured increments of one step, per token of its rollout (see the module docstring)."""
+    """The measured increments of one step (see the module docstring): generation per token of the rollout's rows
+    (the KV cache holds every row's prompt and completion), the backward per forwarded token."""
     shape = report["rollouts"][0]
-    rows, prompt_tokens = shape["rows"], shape["prompt_tokens"]
-    tokens = rows * (prompt_tokens + shape["completion_tokens"])
+    rows, prompt_tokens, completion_tokens = shape["rows"], shape["prompt_tokens"], shape["completion_tokens"]
     generation, backward = first_call(report, "4 "), first_call(report, "5 ")
     grads = 4 * report["trainable_parameters"]
-    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": shape["completion_tokens"],
-            "generation_per_token": (generation["peak"] - generation["entered"]) / tokens,
-            "backward_per_token": max(0, backward["peak"] - backward["entered"] - grads) / tokens}
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "generation_per_token": (generation["peak"] - generation["entered"]) / (rows * (prompt_tokens
+                                                                                          + completion_tokens)),
+            "backward_per_token": max(0, backward["peak"] - backward["entered"] - grads)
+            / forwarded_tokens(rows, prompt_tokens, completion_tokens)}
 
 
 def predict(parameters: int, trainable: int, full_reference: bool, inc: dict, micro_batch_tokens: int) -> float:
@@ -130,11 +141,13 @@ def predict(parameters: int, trainable: int, full_reference: bool, inc: dict, mi
     GPU. Example: 100 parameters, all trained, a full reference; 10 bytes a token in generation, 2 in the backward,
     prompts of 0 tokens (rows of 512) -> fixed 4*100 + 2*100 + 8*100 + 4*100 = 1800; with a 16384-token micro-batch,
     32 rows of 512 in one: max(10 * 128 * 512 = 655360, 4*100 + 2 * 32 * 512 = 33168) -> 657160; and with 1 byte a
-    token in generation and a 1024-token micro-batch (2 rows): max(65536, 400 + 2048) -> 67336."""
+    token in generation and a 1024-token micro-batch (2 rows): max(65536, 400 + 2048) -> 67336. With prompts of 64
+    tokens, a 16384-token micro-batch holds 28 rows of 576, which forward 4 x 64 + 28 x 512 = 14592 tokens."""
     fixed = 4 * parameters + 2 * parameters + 8 * trainable + (4 * parameters if full_reference else 0)
     row_tokens = inc["prompt_tokens"] + GPU_COMPLETION_TOKENS
     rows_per_micro_batch = max(1, min(ROWS_ON_GPU, micro_batch_tokens // row_tokens))
-    backward = 4 * trainable + inc["backward_per_token"] * rows_per_micro_batch * row_tokens
+    forwarded = forwarded_tokens(rows_per_micro_batch, inc["prompt_tokens"], GPU_COMPLETION_TOKENS)
+    backward = 4 * trainable + inc["backward_per_token"] * forwarded
     return fixed + max(inc["generation_per_token"] * ROWS_ON_GPU * row_tokens, backward)
 
 

@@ -88,6 +88,9 @@ def test_fit_prediction_is_the_docstrings_worked_example():
     assert fit.predict(100, 100, True, {**inc, "generation_per_token": 1}, 1024) == 67336
     lora_like = fit.predict(100, 10, False, {**inc, "generation_per_token": 0}, 16384)  # no reference copy
     assert lora_like == 4 * 100 + 2 * 100 + 8 * 10 + 4 * 10 + 2 * 32 * 512
+    prompts = fit.predict(0, 0, False, {**inc, "prompt_tokens": 64, "generation_per_token": 0}, 16384)
+    assert prompts == 2 * (4 * 64 + 28 * 512)  # 28 rows of 64 + 512 fit in 16384 tokens; 4 prompts forwarded once
+    assert fit.forwarded_tokens(16, 64, 64) == 1152
 
 
 def test_fit_reads_the_increments_of_a_memory_report():
@@ -100,7 +103,8 @@ def test_fit_reads_the_increments_of_a_memory_report():
                         {"phase": "4 generation", "entered": 5000, "peak": 9000}]}  # a later step: not read
     inc = fit.increments(report)
     assert inc["generation_per_token"] == 400 / 40 and inc["prompt_tokens"] == 3 and inc["rows"] == 4
-    assert inc["backward_per_token"] == (800 - 400) / 40  # less the fp32 gradients, 4 bytes a trained parameter
+    # less the fp32 gradients (4 bytes a trained parameter), per forwarded token: 1 prompt of 3 (G = 8), 4 x 7
+    assert inc["backward_per_token"] == (800 - 400) / (3 + 4 * 7)
     assert "measured: CPU peak RSS, 1 x 8 rows of 16 tokens" in fit.table([], 1, 16)
 
 
