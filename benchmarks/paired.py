@@ -83,13 +83,19 @@ def ci_text(summary: dict, digits: int = 3) -> str:
     return f"{fmt(summary['mean'], digits)} [{fmt(summary['low'], digits)}, {fmt(summary['high'], digits)}]"
 
 
+def digits(key: str) -> int:
+    """Decimals to print a metric with: 1 for lengths in tokens (len_after), 3 for shares (acc_after, success_after,
+    auc)."""
+    return 1 if key.startswith("len") else 3
+
+
 def paired_tables(values: dict, pairs: Sequence[tuple], metrics: Sequence[tuple]) -> tuple:
     """Markdown and numbers. values: {method: {metric: [one value per seed, in one seed order]}}; pairs: (method,
     baseline) for each comparison; metrics: (key, label). Returns (markdown, {"method vs baseline": {key: paired}})."""
     lines = ["| method | n | " + " | ".join(f"{label}: mean [95% CI]" for _, label in metrics) + " |",
              "|" + "---|" * (len(metrics) + 2)]
     for method, per_metric in values.items():
-        cells = [ci_text(mean_ci(per_metric[key]), 3 if "acc" in key else 1) for key, _ in metrics]
+        cells = [ci_text(mean_ci(per_metric[key]), digits(key)) for key, _ in metrics]
         n = len([v for v in per_metric[metrics[0][0]] if v is not None])
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "| method vs baseline | n | " + " | ".join(f"{label}: paired difference [95% CI], Wilcoxon p"
@@ -101,7 +107,7 @@ def paired_tables(values: dict, pairs: Sequence[tuple], metrics: Sequence[tuple]
             continue
         row = {key: paired(values[method][key], values[baseline][key]) for key, _ in metrics}
         numbers[f"{method} vs {baseline}"] = row
-        cells = [f"{ci_text(row[key], 3 if 'acc' in key else 1)}, p = {fmt(row[key]['p'])}" for key, _ in metrics]
+        cells = [f"{ci_text(row[key], digits(key))}, p = {fmt(row[key]['p'])}" for key, _ in metrics]
         lines.append(f"| {method} vs {baseline} | {row[metrics[0][0]]['n']} | " + " | ".join(cells)
                      + f" | {verdict(row[metrics[0][0]], method, baseline)} |")
     return "\n".join(lines), numbers

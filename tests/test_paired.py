@@ -84,3 +84,13 @@ def test_compare_paired_preset_end_to_end(tiny_model_dir, tmp_path):
                        "--methods", "grpo", "seed_grpo", "seed_shuffled", "--set", f"model={tiny_model_dir}",
                        *settings, "--reuse", "--overwrite", timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 6, again.stderr[-2000:]
+
+
+def test_paired_tables_print_shares_to_three_decimals_and_lengths_to_one():
+    from benchmarks.paired import paired_tables
+
+    values = {"tree_grpo": {"success_after": [0.5, 0.6, 0.7], "len_after": [20.0, 21.0, 22.0]},
+              "chains": {"success_after": [0.4, 0.5, 0.5], "len_after": [20.0, 20.0, 20.0]}}
+    text, _ = paired_tables(values, [("tree_grpo", "chains")], [("success_after", "success"), ("len_after", "len")])
+    assert "| tree_grpo | 3 | 0.600 [0.352, 0.848] | 21.0 [18.5, 23.5] |" in text  # success: 3 decimals (was 1)
+    assert "| tree_grpo vs chains | 3 | 0.133 [-0.010, 0.277], p = 0.250 | 1.0 [-1.5, 3.5], p = 0.500 |" in text
