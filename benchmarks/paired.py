@@ -120,7 +120,8 @@ def plot_paired(values: dict, pairs: Sequence[tuple], key: str, label: str, path
     pairs = [(m, b) for m, b in pairs if m in values and b in values]
     if plt is None or not pairs:
         return False
-    figure, axes = plt.subplots(1, len(pairs), figsize=(2.6 * len(pairs), 3.6), squeeze=False, sharey=True)
+    # at least 5 inches wide, or a single panel cuts its two-line title
+    figure, axes = plt.subplots(1, len(pairs), figsize=(max(5.0, 2.6 * len(pairs)), 3.8), squeeze=False, sharey=True)
     for axis, (method, baseline) in zip(axes.flat, pairs):
         both = [(b, m) for m, b in zip(values[method][key], values[baseline][key]) if m is not None and b is not None]
         for b, m in both:
@@ -133,5 +134,6 @@ def plot_paired(values: dict, pairs: Sequence[tuple], key: str, label: str, path
         axis.set_xlim(-0.3, 1.3)
         axis.grid(alpha=0.3)
     axes.flat[0].set_ylabel(label)
-    figure.suptitle(f"{label}, paired by seed (green: the method higher; black: the means)", fontsize=9)
+    figure.suptitle(f"{label}, paired by seed\n(a line per seed; green: the method higher; black: the means)",
+                    fontsize=9)
     return save_figure(plt, figure, path)
