@@ -151,6 +151,15 @@ def predict(parameters: int, trainable: int, full_reference: bool, inc: dict, mi
     return fixed + max(inc["generation_per_token"] * ROWS_ON_GPU * row_tokens, backward)
 
 
+def result_row(model: str, training: str, parameters: int, trainable: int, inc: dict, measured_peak) -> dict:
+    """One row of the table: what was measured (None: nothing) and the predictions at 16384 and 4096 tokens."""
+    full = training == "full"  # full fine-tuning keeps an fp32 reference copy; LoRA's reference is its adapters off
+    return {"model": model, "training": training, "parameters": parameters, "trainable_parameters": trainable,
+            "increments": inc, "measured_peak": measured_peak,
+            "predicted": predict(parameters, trainable, full, inc, MICRO_BATCH_TOKENS),
+            "predicted_4096": predict(parameters, trainable, full, inc, 4096)}
+
+
 def largest_micro_batch(row: dict, card_gb: int):
     """The largest --max_tokens_per_micro_batch of MICRO_BATCHES predicted to fit a card of card_gb GB (prediction
     plus 1 GiB at most the card's bytes), or None."""
@@ -198,17 +207,13 @@ def main() -> int:
             report = measure(name, lora_r, args.prompts, args.completion_tokens, Path(tmp), args.flags)
             inc = increments(report)
             params, trainable = report["parameters"], report["trainable_parameters"]
-            training, train_params = (f"LoRA r={lora_r}", trainable) if lora_r else ("full", params)
-            rows = [(training, train_params, not lora_r, report["peak_rss"])]
-            if lora_r:  # full fine-tuning of the base model (no adapters): predicted only (the module docstring)
-                rows.append(("full", params - trainable, True, None))
-            for training, train_params, full_reference, measured in rows:
-                total = params if measured else train_params
-                results.append({"model": name, "training": training, "parameters": total,
-                                "trainable_parameters": train_params, "increments": inc, "measured_peak": measured,
-                                "predicted": predict(total, train_params, full_reference, inc, MICRO_BATCH_TOKENS),
-                                "predicted_4096": predict(total, train_params, full_reference, inc, 4096)})
-            results[-len(rows)]["report"] = report
+            if lora_r:  # and full fine-tuning of the base model (no adapters): predicted only (the module docstring)
+                rows = [result_row(name, f"LoRA r={lora_r}", params, trainable, inc, report["peak_rss"]),
+                        result_row(name, "full", params - trainable, params - trainable, inc, None)]
+            else:
+                rows = [result_row(name, "full", params, params, inc, report["peak_rss"])]
+            rows[0]["report"] = report
+            results += rows
             print("\n".join(table(results[-len(rows):]).splitlines()[2:]), flush=True)
     text = table(results, args.prompts, args.completion_tokens)
     args.output.write_text(json.dumps({"torch": torch.__version__, "prompts": args.prompts,

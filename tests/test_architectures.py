@@ -9,12 +9,8 @@ import torch
 
 import engine
 import grpo_mini as g
-from benchmarks import architectures
 from benchmarks.architectures import ARCHITECTURES
-
-
-def build(family: str, tokenizer):
-    return architectures.tiny_model(family, tokenizer)
+from benchmarks.architectures import tiny_model as build  # not `tiny_model`: conftest's fixture has that name
 
 
 def prompts(tokenizer, n=3):
