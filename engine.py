@@ -10,11 +10,12 @@ plain` runs the plain forms). Each fast path is pinned to its plain form by a te
     chunked_token_logps   equals selective_log_softmax(logits / T), value and gradient (gradcheck)
 It also loads and saves the model (a hub id, a directory or a .gguf file, in fp32, with one-line errors), and holds
 the choices that only change speed or memory (the compute dtype, the attention kernel, glibc's handling of freed
-memory, micro-batches sized by a token budget) and the tensor plumbing of rollouts. Measurements: docs/PERFORMANCE.md.
+memory, micro-batches sized by a token budget, gradient checkpointing) and the tensor plumbing of rollouts. Measurements: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -361,7 +362,7 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
                   logits_to_keep=last_position_only(prompt_ids))  # not logits_to_keep=1: see its docstring
     logps = [chunked_token_logps(first.logits[index], completion_ids[:, :1], temperature, with_entropy)]  # [n, 1]
     if T > 1:
-        cache = output_cache(first)
+        cache = read_only(output_cache(first))
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
         attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
@@ -372,6 +373,61 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
     if with_entropy:
         return tuple(torch.cat(parts, dim=1) for parts in zip(*logps))
     return torch.cat(logps, dim=1)  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
+
+
+def read_only(cache):
+    """The prompt's KV cache, made to return each layer's stored keys/values with the new ones appended while storing
+    nothing: the completion pass only reads the prompt, so a layer that checkpointed_layers runs again in the
+    backward reads the same prompt again (a writing cache would hold the completion twice by then)."""
+    def update(key_states, value_states, layer_idx, *args, **kwargs):  # what DynamicLayer.update returns
+        layer = cache.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    cache.update, cache.read_only = update, True
+    return cache
+
+
+# Gradient checkpointing (--gradient_checkpointing). The backward needs what each decoder layer's forward made (the
+# norms' outputs, the projections, attention probabilities, the MLP's activations): about 90 MB a layer for 2,000
+# tokens of SmolLM2 (docs/PERFORMANCE.md). A checkpointed layer keeps only its inputs and runs its forward again
+# during the backward to make the rest: one more forward of the layers, for a fraction of the memory. transformers'
+# own switch (model.gradient_checkpointing_enable) drops the KV cache that shared_prompt_logps' completion pass reads,
+# so the layers are wrapped here with torch.utils.checkpoint: a layer that reads a read_only cache, or none, is
+# checkpointed; one that writes a cache (the prompt pass, a few tokens a group) runs as usual.
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model, enabled: bool = True):
+    """Within it, every decoder layer of `model` (transformers' GradientCheckpointingLayer) that runs with gradients
+    on and writes no KV cache keeps only its inputs for the backward, and runs again there (non-reentrant
+    torch.utils.checkpoint, which restores autocast and the RNG). Values and gradients are the plain forward's
+    (tested on every architecture in benchmarks/architectures.py). The layers are as before when it exits; a
+    backward after that still recomputes what was checkpointed inside it."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.cache_utils import Cache
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def checkpointed(forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            writes_cache = any(isinstance(value, Cache) and not getattr(value, "read_only", False)
+                               for value in (*args, *kwargs.values()))
+            if writes_cache or not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance's own forward (a hook's), if any
+    for layer in layers:
+        layer.forward = checkpointed(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward
 
 
 # Written with autograd, selective_log_softmax(logits / T, ids) makes several [rows, T, V] tensors (V = 49k for
@@ -517,12 +573,13 @@ def micro_batch_tensors(ro, rows: list):
 
 def micro_batch_logps(model, ro, rows: list, cfg, device: torch.device, logps_fn: Callable, with_entropy: bool = False):
     """For each token-budget micro-batch of `rows`: (positions into rows, loss mask [n, T], log-probs [n, T]), the
-    log-probs from logps_fn (grpo_mini.completion_logps or shared_prompt_logps) under autocast; with with_entropy
-    they are (log-probs, entropies), each [n, T]."""
+    log-probs from logps_fn (grpo_mini.completion_logps or shared_prompt_logps) under autocast, and with
+    cfg.gradient_checkpointing under checkpointed_layers; with with_entropy they are (log-probs, entropies), each
+    [n, T]."""
     for mb in micro_batches(ro, rows, cfg.max_tokens_per_micro_batch):
         prompt_ids, prompt_mask, completion_ids, mask, prompt_index, attention = micro_batch_tensors(
             ro, [rows[i] for i in mb])
-        with autocast(device, pick_dtype(cfg.dtype, device)):  # the forward only, not the loss
+        with autocast(device, pick_dtype(cfg.dtype, device)), checkpointed_layers(model, cfg.gradient_checkpointing):
             logps = logps_fn(model, prompt_ids, prompt_mask, completion_ids, attention, cfg.temperature,
                              prompt_index=prompt_index, with_entropy=with_entropy)
         yield mb, mask, logps

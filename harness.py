@@ -73,6 +73,9 @@ class RunConfig:
     keep_freed_memory: glibc's default"""
     max_tokens_per_micro_batch: int = 4096
     """memory bound: sequences are packed into forward/backward micro-batches of at most this many (padded) tokens"""
+    gradient_checkpointing: bool = False
+    """memory for time: each decoder layer keeps only its inputs for the backward, which runs the layer again
+    (engine.checkpointed_layers); the same numbers, a smaller peak, a slower backward (docs/PERFORMANCE.md)"""
     eval_batch_size: int = 64
     """prompts per greedy generate call during evaluation"""
     save_model: bool = True
@@ -83,8 +86,8 @@ class RunConfig:
     every N steps, at the end and on any early exit; 0: never"""
     resume: bool = False
     """continue the run in OUTPUT_DIR from its checkpoint (same flags; only max_steps, save_every, eval_every,
-    eval_batch_size, save_model, device, attn_implementation, keep_freed_memory and engine may change); metrics.jsonl is
-    appended to"""
+    eval_batch_size, save_model, device, attn_implementation, keep_freed_memory, engine and gradient_checkpointing may
+    change); metrics.jsonl is appended to"""
     overwrite: bool = False
     """allow a new run to replace the run already in OUTPUT_DIR (its config.json, metrics.jsonl, model/, checkpoint/,
     tensorboard/ and wandb/; nothing else)"""
@@ -177,7 +180,8 @@ MARKER, LOCK = ".grpo_mini_run", ".grpo_mini_lock"  # "a run of ours is here" (t
 RUN_FILES = ("config.json", "metrics.jsonl", "model", CHECKPOINT, "tensorboard", "wandb")  # a directory's run
 # Flags that --resume lets change: none of them alters what a step computes.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "eval_every", "eval_batch_size", "save_model", "device",
-                     "attn_implementation", "keep_freed_memory", "engine", "resume", "overwrite", "output_dir")
+                     "attn_implementation", "keep_freed_memory", "engine", "gradient_checkpointing", "resume",
+                     "overwrite", "output_dir")
 
 
 def replace_dir(final: Path, write: Callable[[Path], None]) -> None:

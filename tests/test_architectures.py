@@ -7,6 +7,8 @@ The models and why these families: benchmarks/architectures.py (benchmarks/gpu_c
 import pytest
 import torch
 
+from transformers.modeling_layers import GradientCheckpointingLayer
+
 import engine
 import grpo_mini as g
 from benchmarks.architectures import ARCHITECTURES
@@ -47,6 +49,56 @@ def test_the_fast_engine_equals_the_plain_forms(family, tiny_tokenizer):
         results.append((logps * completion_mask, grad))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4, rtol=1e-3)
+
+
+def layer_bytes_values_and_grads(model, fn, checkpointed: bool, *inputs, **kwargs):
+    """The bytes of the floating-point tensors, weights aside, that the decoder layers' forward keeps for the
+    backward (GPT-2's also keep a boolean mask), and fn's log-probs and gradient."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    inside, saved, weights = [], [], {p.data_ptr() for p in model.parameters()}
+    hooks = [hook for layer in layers for hook in (layer.register_forward_pre_hook(lambda *_: inside.append(1)),
+                                                   layer.register_forward_hook(lambda *_: inside.clear()))]
+
+    def keep(tensor):  # a checkpointed layer's own hooks replace this one: what it does not keep is not counted
+        saved.append(tensor.numel() * tensor.element_size() if inside and tensor.is_floating_point()
+                     and tensor.data_ptr() not in weights else 0)
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
+            engine.checkpointed_layers(model, checkpointed):
+        logps = fn(model, *inputs, **kwargs)
+    logps.sum().backward()  # after the context has exited, as micro_batch_logps' caller does it
+    for hook in hooks:
+        hook.remove()
+    return sum(saved), logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("family", ARCHITECTURES)
+def test_gradient_checkpointing_gives_the_same_values_and_gradient(family, tiny_tokenizer):
+    """--gradient_checkpointing (engine.checkpointed_layers): the decoder layers keep nothing but their inputs and
+    run their forward again in the backward; the log-probs and gradient are the plain backward's, bit for bit, for
+    the shared-prompt pass (whose prompt layers write the cache and are not checkpointed) and the full forward."""
+    model, enc = build(family, tiny_tokenizer), prompts(tiny_tokenizer)
+    torch.manual_seed(2)
+    completions = torch.randint(5, tiny_tokenizer.vocab_size, (6, 12))
+    completion_mask = torch.ones_like(completions)
+    completion_mask[0, 7:] = 0  # one row ended early
+    inputs = (enc.input_ids, enc.attention_mask, completions, completion_mask, 0.7)
+    sequence_length = enc.input_ids.size(1) + completions.size(1)
+    for fn in (engine.shared_prompt_logps, g.completion_logps):
+        plain_bytes, *plain = layer_bytes_values_and_grads(model, fn, False, *inputs,
+                                                           prompt_index=torch.arange(3).repeat_interleave(2))
+        kept_bytes, *checkpointed = layer_bytes_values_and_grads(model, fn, True, *inputs,
+                                                                 prompt_index=torch.arange(3).repeat_interleave(2))
+        assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
+        if fn is g.completion_logps:  # every layer keeps its input, [rows, P+T, hidden] in fp32, and nothing else
+            layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+            assert kept_bytes == layers * completions.size(0) * sequence_length * model.config.hidden_size * 4
+            assert kept_bytes < plain_bytes / 10
+        else:  # the prompt pass's layers write the cache, and keep what they kept
+            assert kept_bytes < plain_bytes
+        assert not any("forward" in vars(layer) for layer in model.modules())  # the layers are as they were
 
 
 @pytest.mark.parametrize("family", ARCHITECTURES)

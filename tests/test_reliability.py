@@ -184,6 +184,13 @@ def test_compare_never_replaces_a_run_it_was_not_asked_to(tmp_path):
         plan_run("grpo", 2, settings, out, overwrite=False, reuse=True)
     assert plan_run("grpo", 2, settings, out, overwrite=True, reuse=True) == "train"
     assert plan_run("grpo", 3, settings, out, overwrite=False, reuse=False) == "train"  # nothing there
+    # a run made before a flag existed had the flag's default: it is reused while the flag is at that default
+    stored = json.loads((out / "grpo_seed0" / "config.json").read_text())
+    (out / "grpo_seed0" / "config.json").write_text(json.dumps({k: v for k, v in stored.items()
+                                                                if k != "gradient_checkpointing"}))
+    assert plan_run("grpo", 0, settings, out, overwrite=False, reuse=True) == "reuse"
+    with pytest.raises(SystemExit, match="grpo_seed0 holds an earlier run with other flags"):
+        plan_run("grpo", 0, {**settings, "gradient_checkpointing": True}, out, overwrite=False, reuse=True)
     # end to end: refused in one line before anything runs, and nothing was touched
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = run_script("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "1", "2", "--methods", "grpo",

@@ -125,6 +125,22 @@ def test_every_trainable_parameter_changes_after_one_step(tiny_model, tiny_token
     assert unchanged == []
 
 
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_tokenizer, tmp_path):
+    """--gradient_checkpointing changes memory and time, not the numbers: two bf16 steps (autocast, and the bf16
+    sampling copy) end at the same weights, bit for bit, with the same logged metrics apart from the seconds."""
+    from conftest import build_tiny_model
+
+    runs = []
+    for checkpointing in (False, True):
+        model = build_tiny_model(tiny_tokenizer)
+        _, cfg = _train(model, tiny_tokenizer, tmp_path / str(checkpointing), reward_fn=char_code_reward,
+                        dtype="bf16", learning_rate=1e-3, warmup_steps=0, gradient_checkpointing=checkpointing)
+        records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        runs.append(([{k: v for k, v in r.items() if k not in ("step_s", "tokens_per_s")} for r in records],
+                     [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(map(torch.equal, runs[0][1], runs[1][1]))
+
+
 def test_mean_reward_rises_on_a_toy_reward(tiny_model, tiny_tokenizer, tmp_path):
     _train(tiny_model, tiny_tokenizer, tmp_path, max_steps=24, prompts_per_step=2, num_generations=8,
            learning_rate=3e-3, warmup_steps=0, lr_scheduler_type="constant", seed=0)  # a toy check of learning
