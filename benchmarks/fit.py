@@ -4,6 +4,8 @@ that predicts for the README's GPU settings on one GPU (the README's "Will it fi
     python benchmarks/fit.py                                  # the four rows below, about 5 minutes on 2 CPU cores
     python benchmarks/fit.py --models qwen2.5-0.5b --prompts 1
     python benchmarks/fit.py --table runs/fit/fit.json           # the table again, from an earlier run's JSON
+    python benchmarks/fit.py --output runs/fit/checkpointed.json -- --gradient_checkpointing    # another setting
+    python benchmarks/fit.py --table runs/fit/fit.json runs/fit/checkpointed.json   # ... in brackets beside
 
 Each model is built from its published config in code, with random weights (nothing is downloaded), and saved with
 SmolLM2's tokenizer. One step of grpo_mini.train then runs in a subprocess under benchmarks/memory.py with the README
@@ -171,14 +173,19 @@ def largest_micro_batch(row: dict, card_gb: int):
     return None
 
 
-def table(results: list, prompts: int = 2, completion_tokens: int = 64) -> str:
-    """The README's table: per card, the largest micro-batch predicted to fit ("-": none of MICRO_BATCHES)."""
+def table(results: list, prompts: int = 2, completion_tokens: int = 64, alternative: list = ()) -> str:
+    """The README's table: per card, the largest micro-batch predicted to fit ("-": none of MICRO_BATCHES); with
+    `alternative` (the same rows measured with other flags, e.g. -- --gradient_checkpointing), its largest in
+    brackets after each."""
     lines = [f"| model | training | measured: CPU peak RSS, {prompts} x 8 rows of {completion_tokens} tokens | "
              "predicted: one GPU, 16 x 8 rows of 512, micro-batch 16384 / 4096 tokens | "
              + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |", "|---|---|---|---|" + "---|" * len(CARDS_GB)]
+    others = {(row["model"], row["training"]): row for row in alternative}
     for row in results:
         measured = f"{row['measured_peak'] / GIB:.1f} GiB" if row["measured_peak"] else "- (over 24 GiB)"
-        cells = [str(largest_micro_batch(row, gb) or "-") for gb in CARDS_GB]
+        other = others.get((row["model"], row["training"]))
+        cells = [str(largest_micro_batch(row, gb) or "-") + (f" ({largest_micro_batch(other, gb) or '-'})"
+                                                              if other else "") for gb in CARDS_GB]
         lines.append(f"| {row['model']} | {row['training']} | {measured} | {row['predicted'] / GIB:.1f} / "
                      f"{row['predicted_4096'] / GIB:.1f} GiB | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -191,12 +198,15 @@ def main() -> int:
     parser.add_argument("--completion_tokens", type=at_least(1), default=64, help="completion tokens in the measured "
                         "step (the prediction is for 512)")
     parser.add_argument("--output", type=Path, default=Path("runs/fit/fit.json"))
-    parser.add_argument("--table", type=Path, help="print the table of this earlier fit.json, and measure nothing")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="FIT_JSON", help="print the table of an earlier "
+                        "fit.json, and measure nothing; with a second (a run with other flags, e.g. -- "
+                        "--gradient_checkpointing), its micro-batches in brackets")
     parser.add_argument("flags", nargs="*", help="more grpo_mini.py flags for the measured step, after --")
     args = parser.parse_args()
     if args.table:
-        earlier = json.loads(args.table.read_text())
-        print(table(earlier["rows"], earlier["prompts"], earlier["completion_tokens"]))
+        earlier, *alternative = [json.loads(path.read_text()) for path in args.table[:2]]
+        print(table(earlier["rows"], earlier["prompts"], earlier["completion_tokens"],
+                    alternative[0]["rows"] if alternative else ()))
         return 0
     import torch
 

@@ -133,3 +133,10 @@ def test_fit_table_reads_an_earlier_report(tmp_path):
     # LoRA: fixed 1 GiB, + 1 GiB; 2048 tokens: 10 GiB; 4096: 18; 8192: 34; 16384: 66. Cards of 16, 24, 48, 80 GB
     # hold 14.9, 22.4, 44.7 and 74.5 GiB
     assert lines[0] == "| m | LoRA r=16 | - (over 24 GiB) | 90.0 / 40.0 GiB | 2048 | 4096 | 8192 | 16384 |"
+    # a second report (the same rows with other flags): its micro-batches in brackets, row by row
+    other = tmp_path / "checkpointed.json"
+    other.write_text(json.dumps({"prompts": 2, "completion_tokens": 64, "rows": [{**rows[1], "increments": inc}]}))
+    lines = [line for line in run_script("benchmarks/fit.py", "--table", earlier, other).stdout.splitlines()
+             if line.startswith("| m |")]
+    assert lines[0].endswith("/ 10.0 GiB | 16384 | 16384 | 16384 | 16384 |")  # full: not in the second report
+    assert lines[1].endswith("| 2048 (16384) | 4096 (16384) | 8192 (16384) | 16384 (16384) |")
