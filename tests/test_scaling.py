@@ -64,6 +64,23 @@ def test_lora_trains_only_the_adapters_and_its_reference_is_the_base_model(tiny_
         assert torch.allclose(logps_of(merged, ro), policy, atol=1e-5)
 
 
+def test_lora_with_gradient_checkpointing_trains_to_the_same_adapters(tiny_tokenizer, tmp_path):
+    """--gradient_checkpointing with LoRA and a reference model (the adapters switched off, with no backward):
+    the same adapters, bit for bit, as without it."""
+    from conftest import build_tiny_model
+
+    pytest.importorskip("peft")
+    adapters = []
+    for checkpointing in (False, True):
+        cfg = g.Config(output_dir=str(tmp_path / str(checkpointing)), lora_r=4, lora_alpha=8, beta=0.04,
+                       gradient_checkpointing=checkpointing, **TINY)
+        summary = g.train(cfg, reward_fn=char_code_reward, model=build_tiny_model(tiny_tokenizer),
+                          tokenizer=tiny_tokenizer, problems=g.make_arithmetic_split(0, 20, 4))
+        adapters.append([p.detach() for n, p in summary["model"].named_parameters() if "lora_" in n])
+    assert adapters[0] and all(map(torch.equal, *adapters))
+    assert any(torch.count_nonzero(p) for p in adapters[1])  # lora_B moved from its zeros
+
+
 def test_lora_run_resumes(tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
     cfg = dict(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), lora_r=4, **{**TINY, "max_steps": 2})
