@@ -6,7 +6,8 @@
 1. The fast paths against the plain forms, on the device: on a tiny random model of each of the eight families of
    benchmarks/architectures.py (Llama, Qwen2, Qwen3, Gemma 3, Mistral, Phi-3, GPT-2, OLMo 2), the fast
    sampler's greedy tokens must equal model.generate's, and the shared-prompt log-probs the full forward's, within
-   bf16 tolerance under bf16 autocast (fp32: 1e-4).
+   bf16 tolerance under bf16 autocast (fp32: 1e-4); and --gradient_checkpointing's gradient the plain backward's
+   (within 1e-3 of the largest entry).
 2. A short training run of SmolLM2-135M (grpo_mini.train, --dtype auto: bf16 on CUDA) at the README's GPU settings,
    reporting its generated tokens per second, its phase times (synchronised on CUDA) and peak GPU memory
    (torch.cuda.max_memory_allocated).
@@ -62,8 +63,18 @@ def check_fast_paths(tokenizer, device) -> dict:
                 full = gm.completion_logps(model, ids, mask, sampled, completion_mask, 0.7, index)
             gaps[str(dtype).split(".")[-1]] = ((shared - full).abs() * completion_mask).max().item()
         tolerance = {"float32": 1e-4, "bfloat16": 0.1}
+        grads = []  # --gradient_checkpointing: the same gradient (bit for bit on the CPU; CUDA's atomics may reorder)
+        for checkpointing in (False, True):
+            model.zero_grad()
+            with engine.autocast(device, torch.bfloat16), engine.checkpointed_layers(model, checkpointing):
+                logps = engine.shared_prompt_logps(model, ids, mask, sampled, completion_mask, 0.7, index)
+            (logps * completion_mask).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        checkpointing_gap = ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item()
         results[family] = {"greedy_tokens_equal": bool(torch.equal(fast, plain)), "max_logp_gap": gaps,
-                           "ok": bool(torch.equal(fast, plain)) and all(gaps[k] <= tolerance[k] for k in gaps)}
+                           "checkpointing_relative_grad_gap": checkpointing_gap,
+                           "ok": bool(torch.equal(fast, plain)) and all(gaps[k] <= tolerance[k] for k in gaps)
+                           and checkpointing_gap <= 1e-3}
     return results
 
 
