@@ -483,7 +483,9 @@ def main() -> int:
         raise SystemExit(f"error: --preset cold_start trains from {missing[0]}, which is not there yet: make it first "
                          f"with `python benchmarks/cold_start.py`")
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {m: [run_method(m, seed, settings, out_dir, args.reuse) for seed in args.seeds] for m in methods}
+    # seed by seed, every method of a seed before the next seed: stopped early, the paired comparison has whole seeds
+    done = {(m, seed): run_method(m, seed, settings, out_dir, args.reuse) for seed in args.seeds for m in methods}
+    runs = {m: [done[m, seed] for seed in args.seeds] for m in methods}
     summaries = {m: [run_summary(r) for r in per_seed] for m, per_seed in runs.items()}
     table = build_table(summaries, args.seeds, styles="cold_start" in args.preset)
     reference = summaries.get("grpo") or next(iter(summaries.values()))

@@ -41,6 +41,15 @@ def test_compare_runs_all_four_methods(tiny_model_dir, tmp_path):
                          "--methods", "grpo", "--set", f"model={tiny_model_dir}", *settings, "max_steps=1",
                          timeout=600)
     assert changed.returncode == 0 and "reusing" not in changed.stdout, changed.stderr[-2000:]
+    # seed by seed: all methods of seed 0 (reused), then all of seed 1 (trained), so an interrupted comparison
+    # leaves whole seeds to pair
+    more = run_script("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "1", "--overwrite", "--reuse",
+                      "--methods", "seed_grpo", "gfpo_shortest", "--set", f"model={tiny_model_dir}", *settings,
+                      timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    order = [line.split(":")[0] for line in more.stdout.splitlines() if line.startswith("[compare]")]
+    assert order == ["[compare] seed_grpo seed 0", "[compare] gfpo_shortest seed 0", "[compare] seed_grpo seed 1",
+                     "[compare] seed_grpo seed 1", "[compare] gfpo_shortest seed 1", "[compare] gfpo_shortest seed 1"]
 
 
 def test_curve_is_the_mean_and_std_over_seeds():
