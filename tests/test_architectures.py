@@ -85,12 +85,11 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradient(family, tiny_
     completion_mask = torch.ones_like(completions)
     completion_mask[0, 7:] = 0  # one row ended early
     inputs = (enc.input_ids, enc.attention_mask, completions, completion_mask, 0.7)
+    index = torch.arange(3).repeat_interleave(2)  # two completions of each prompt
     sequence_length = enc.input_ids.size(1) + completions.size(1)
     for fn in (engine.shared_prompt_logps, g.completion_logps):
-        plain_bytes, *plain = layer_bytes_values_and_grads(model, fn, False, *inputs,
-                                                           prompt_index=torch.arange(3).repeat_interleave(2))
-        kept_bytes, *checkpointed = layer_bytes_values_and_grads(model, fn, True, *inputs,
-                                                                 prompt_index=torch.arange(3).repeat_interleave(2))
+        plain_bytes, *plain = layer_bytes_values_and_grads(model, fn, False, *inputs, prompt_index=index)
+        kept_bytes, *checkpointed = layer_bytes_values_and_grads(model, fn, True, *inputs, prompt_index=index)
         assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
         if fn is g.completion_logps:  # every layer keeps its input, [rows, P+T, hidden] in fp32, and nothing else
             layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
