@@ -256,10 +256,9 @@ def check_output_dir(cfg) -> None:
         if algorithm != algorithm_of(cfg) or not set(previous) <= set(dataclasses.asdict(cfg)):
             raise ConfigError(f"--resume: the run in {out} was written by {algorithm.split(':')[0]} "
                               f"({algorithm.split(':')[-1]}); resume it with that script")
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # a flag added since: the run had its default
-        changed = [f"--{key} {previous.get(key, defaults[key])!r} -> {value!r}"
-                   for key, value in dataclasses.asdict(cfg).items()
-                   if key not in RESUMABLE_CHANGES and differs(key, previous.get(key, defaults[key]), value)]
+        previous = with_defaults(previous, type(cfg))
+        changed = [f"--{key} {previous[key]!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
+                   if key not in RESUMABLE_CHANGES and differs(key, previous[key], value)]
         if changed:
             raise ConfigError(f"--resume: give the flags of the run being resumed; these differ: {', '.join(changed)}"
                               f" (only {', '.join(RESUMABLE_CHANGES[:-3])} may change)")
@@ -288,6 +287,11 @@ def check_output_dir(cfg) -> None:
 
 
 PATH_FLAGS, DATA_FLAGS = ("model", "data", "eval_data"), ("data", "eval_data")
+
+
+def with_defaults(stored: dict, config_class) -> dict:
+    """A run's stored config with every flag added since it was written, at its default: what that run had."""
+    return {**{f.name: f.default for f in dataclasses.fields(config_class) if f.name not in stored}, **stored}
 
 
 def differs(key: str, old, new) -> bool:

@@ -142,6 +142,7 @@ def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
     """(run_dir's config.json, or None where there is none, and the config these flags give), both as JSON values.
     A flag added since the run was made is read at its default, which is what the run had (as --resume reads it)."""
     import grpo_mini
+    import harness
 
     config_class = config_classes()[METHODS[method][0]]
     cfg = grpo_mini.parse_config(config_class, argv=flags)
@@ -150,8 +151,7 @@ def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
     except (OSError, ValueError):
         stored = None
     if isinstance(stored, dict):
-        stored = json.loads(json.dumps({**{f.name: f.default for f in dataclasses.fields(config_class)
-                                           if f.name not in stored}, **stored}))
+        stored = json.loads(json.dumps(harness.with_defaults(stored, config_class)))
     return stored, json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 

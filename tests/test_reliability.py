@@ -166,6 +166,14 @@ def fake_compare_run(run_dir: Path, method: str, flags: list, finished: bool) ->
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_a_stored_config_reads_a_flag_added_since_at_its_default():
+    """--resume and compare.py --reuse both read an older run's config this way (harness.with_defaults)."""
+    import harness
+
+    stored = harness.with_defaults({"seed": 3, "dtype": "bf16"}, harness.RunConfig)
+    assert stored["seed"] == 3 and stored["dtype"] == "bf16" and stored["gradient_checkpointing"] is False
+
+
 def test_compare_never_replaces_a_run_it_was_not_asked_to(tmp_path):
     from benchmarks.compare import PRESETS, plan_run, run_flags
 
