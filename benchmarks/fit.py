@@ -203,8 +203,10 @@ def main() -> int:
                         "--gradient_checkpointing), its micro-batches in brackets")
     parser.add_argument("flags", nargs="*", help="more grpo_mini.py flags for the measured step, after --")
     args = parser.parse_args()
+    if args.table and len(args.table) > 2:  # argparse has no "one or two"
+        parser.error(f"--table takes one or two fit.json files, not {len(args.table)}")
     if args.table:
-        earlier, *alternative = [json.loads(path.read_text()) for path in args.table[:2]]
+        earlier, *alternative = [json.loads(path.read_text()) for path in args.table]
         print(table(earlier["rows"], earlier["prompts"], earlier["completion_tokens"],
                     alternative[0]["rows"] if alternative else ()))
         return 0

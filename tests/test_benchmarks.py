@@ -141,3 +141,5 @@ def test_fit_table_reads_an_earlier_report(tmp_path):
              if line.startswith("| m |")]
     assert lines[0].endswith("/ 10.0 GiB | 16384 | 16384 | 16384 | 16384 |")  # full: not in the second report
     assert lines[1].endswith("| 2048 (16384) | 4096 (16384) | 8192 (16384) | 16384 (16384) |")
+    third = run_script("benchmarks/fit.py", "--table", earlier, other, other)  # one clear line, not ignored
+    assert third.returncode == 2 and "--table takes one or two fit.json files, not 3" in third.stderr.splitlines()[-1]
