@@ -159,8 +159,10 @@ def keep_freed_memory() -> bool:
     is freed. A training step allocates and frees hundreds of tensors of 10-400 MB, so the kernel maps and zeroes the
     same memory again and again (page faults). mallopt(M_MMAP_MAX, 0) serves every allocation from the heap, and a
     2 GB M_TRIM_THRESHOLD keeps its free space for the next step; the process's memory then stays near its peak.
-    Starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647, or with jemalloc / tcmalloc preloaded
-    (PyTorch's CPU tuning guide), does the same from outside. Measured: docs/PERFORMANCE.md."""
+    (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 does the same from outside.) A preloaded tcmalloc, as
+    PyTorch's CPU tuning guide suggests, replaces glibc's malloc, so this then does nothing; it did better than either
+    glibc setting, with the same numbers bit for bit (LD_PRELOAD=libtcmalloc_minimal.so.4; jemalloc was slower).
+    Measured: docs/PERFORMANCE.md."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes

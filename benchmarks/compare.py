@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -208,7 +209,8 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: boo
         result = subprocess.run([sys.executable, METHODS[method][0], *flags], cwd=ROOT, capture_output=True,
                                 text=True)
         wall = time.time() - start
-        cost.write_text(json.dumps({"wall_s": wall, "cpu_s": children_cpu_seconds() - cpu_start}))
+        cost.write_text(json.dumps({"wall_s": wall, "cpu_s": children_cpu_seconds() - cpu_start,  # and the allocator
+                                    "ld_preload": os.environ.get("LD_PRELOAD")}))  # (tcmalloc: the same numbers, faster)
         (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "

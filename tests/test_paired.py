@@ -4,6 +4,7 @@ two-seed comparison end to end on the tiny model."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -75,6 +76,8 @@ def test_compare_paired_preset_end_to_end(tiny_model_dir, tmp_path):
     assert set(summary["paired"]) == {"seed_grpo vs grpo", "seed_shuffled vs grpo", "seed_grpo vs seed_shuffled"}
     assert summary["paired"]["seed_grpo vs seed_shuffled"]["acc_after"]["n"] == 2
     assert "min of CPU time over the 6 runs" in summary["cost"]
+    cost = json.loads((out / "grpo_seed0" / "cost.json").read_text())  # the allocator, where one was preloaded
+    assert cost["ld_preload"] == os.environ.get("LD_PRELOAD") and cost["cpu_s"] > 0
     assert json.loads((out / "seed_shuffled_seed1" / "config.json").read_text())["shuffle_factors"] is True
     text = (out / "results.md").read_text()
     assert "| seed_grpo vs seed_shuffled | 2 |" in text and "Wilcoxon" in text
