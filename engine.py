@@ -576,8 +576,8 @@ def micro_batch_tensors(ro, rows: list):
 def micro_batch_logps(model, ro, rows: list, cfg, device: torch.device, logps_fn: Callable, with_entropy: bool = False):
     """For each token-budget micro-batch of `rows`: (positions into rows, loss mask [n, T], log-probs [n, T]), the
     log-probs from logps_fn (grpo_mini.completion_logps or shared_prompt_logps) under autocast, and with
-    cfg.gradient_checkpointing, where there is a backward, under checkpointed_layers; with with_entropy they are (log-probs, entropies), each
-    [n, T]."""
+    cfg.gradient_checkpointing, where there is a backward, under checkpointed_layers; with with_entropy they are
+    (log-probs, entropies), each [n, T]."""
     for mb in micro_batches(ro, rows, cfg.max_tokens_per_micro_batch):
         prompt_ids, prompt_mask, completion_ids, mask, prompt_index, attention = micro_batch_tensors(
             ro, [rows[i] for i in mb])
