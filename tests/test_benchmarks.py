@@ -143,3 +143,13 @@ def test_fit_table_reads_an_earlier_report(tmp_path):
     assert lines[1].endswith("| 2048 (16384) | 4096 (16384) | 8192 (16384) | 16384 (16384) |")
     third = run_script("benchmarks/fit.py", "--table", earlier, other, other)  # one clear line, not ignored
     assert third.returncode == 2 and "--table takes one or two fit.json files, not 3" in third.stderr.splitlines()[-1]
+
+
+def test_determinism_probe_finds_the_default_path_reproducible(tiny_model_dir):
+    result = run_script("benchmarks/determinism.py", "--runs", "2", "--steps", "2", "--", "--model", tiny_model_dir,
+                        "--device", "cpu", "--prompts_per_step", "2", "--num_generations", "4",
+                        "--max_completion_length", "8", "--num_train_problems", "20", timeout=300)
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-2000:]
+    digests = [line.split()[-1] for line in result.stdout.splitlines() if "weights after 2 steps" in line]
+    assert len(digests) == 2 and digests[0] == digests[1] and len(digests[0]) == 12
+    assert "reproducible: every run computed the same weights" in result.stdout
