@@ -7,8 +7,8 @@ Each run starts from the same weights with the same seed, trains --steps steps w
 to grpo_mini.train(), and ends with a digest (SHA-256 of every trained weight's bytes) printed. Equal digests: the runs
 computed the same numbers, bit for bit. Exit 0 when all are equal, 1 when not. The runs share one process, so each
 finds the allocator in another state; a kernel whose result depends on where its inputs lie, or on thread timing,
-shows here. What it found on the AMD CPU (docs/PERFORMANCE.md): the default 4096-token micro-batches reproduce, and
-1024-token ones did not, from the second step.
+shows here. What it found on the AMD CPU (docs/PERFORMANCE.md): the default 4096-token micro-batches reproduced, and
+1024-token ones did not (after 2 steps, one of two sets of weights).
 """
 
 from __future__ import annotations
