@@ -31,6 +31,12 @@ def at_least(low: float, kind: type = int) -> Callable[[str], float]:
     return parse
 
 
+def short_run_argv(steps: int, output_dir, flags: list) -> list:
+    """grpo_mini flags for a measured run of `steps` steps that saves and evaluates nothing it need not (memory.py,
+    determinism.py), the user's flags last, so that they win."""
+    return ["--max_steps", str(steps), "--eval_every", "0", "--save_every", "0", "--no-save_model", "--output_dir",
+            str(output_dir), *flags]
+
 def run_main(main: Callable[[], int]) -> int:
     """main()'s exit code; a ConfigError (bad input: a --model that does not load, a bad --data row) or an OSError (a
     path that cannot be read or written) becomes one line on stderr and exit 2, Ctrl-C exit 130."""

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo_mini as gm  # noqa: E402
-from benchmarks.cli import at_least, run_main  # noqa: E402
+from benchmarks.cli import at_least, run_main, short_run_argv  # noqa: E402
 
 
 def weights_digest(model) -> str:
@@ -44,9 +44,8 @@ def main() -> int:
     digests = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as out:
-            cfg = gm.parse_config(argv=["--max_steps", str(args.steps), "--eval_every", "0", "--save_every", "0",
-                                        "--num_eval_problems", "1", "--no-save_model", "--output_dir",
-                                        str(Path(out) / "run"), *args.flags])
+            cfg = gm.parse_config(argv=short_run_argv(args.steps, Path(out) / "run",
+                                                      ["--num_eval_problems", "1", *args.flags]))
             digests.append(weights_digest(gm.train(cfg)["model"]))
         print(f"[determinism] run {run + 1} of {args.runs}: weights after {args.steps} steps {digests[-1]}", flush=True)
     same = len(set(digests)) == 1

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import grpo_mini as gm  # noqa: E402
-from benchmarks.cli import at_least, run_main  # noqa: E402
+from benchmarks.cli import at_least, run_main, short_run_argv  # noqa: E402
 
 GIB = 2**30
 
@@ -104,8 +104,7 @@ def main() -> int:
         return out
     gm.grpo_step = step
     with tempfile.TemporaryDirectory() as out:
-        cfg = gm.parse_config(argv=["--max_steps", str(args.steps), "--eval_every", "0", "--save_every", "0",
-                                    "--no-save_model", "--output_dir", str(Path(out) / "run"), *args.flags])
+        cfg = gm.parse_config(argv=short_run_argv(args.steps, Path(out) / "run", args.flags))
         memory = PhaseMemory()
         for module, name, phase in [(engine, "load_model_and_tokenizer", "1 load the model"),
                                     (engine, "make_sampling_model", "2 the bf16 sampling copy"),
