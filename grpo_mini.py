@@ -803,7 +803,7 @@ def train(cfg: Config, *, reward_fn: Optional[RewardFn] = None,
             say(f"warning: --importance_sampling_level sequence (GSPO) with --loss_type {cfg.loss_type} weights each "
                 f"completion by its length; GSPO's paper averages per sequence (--loss_type grpo)", file=sys.stderr)
         builtin_reward, reward_fn = reward_fn is None, reward_fn or BUILTIN_REWARDS[cfg.reward]
-        harness.set_seed(cfg.seed)
+        harness.set_seed(cfg.seed, cfg.full_determinism)
         device = run.device
         make_advantages = (advantage_fn or grpo_advantage_fn)(cfg)  # may load a judge model: its errors come first
 

@@ -73,6 +73,11 @@ class RunConfig:
     keep_freed_memory: glibc's default"""
     max_tokens_per_micro_batch: int = 4096
     """memory bound: sequences are packed into forward/backward micro-batches of at most this many (padded) tokens"""
+    full_determinism: bool = False
+    """torch's deterministic kernels (torch.use_deterministic_algorithms). Without them the backward of the shared
+    prompt's gather adds a prompt's G gradients from several CPU threads at once: runs at the default micro-batches
+    repeated bit for bit here, but at 1024 tokens one could end in either of two ways. With them, the sums go in row
+    order: the same weights every time, and other numbers than without (docs/PERFORMANCE.md)"""
     gradient_checkpointing: bool = False
     """memory for time: each decoder layer keeps only its inputs for the backward, which runs the layer again
     (engine.checkpointed_layers); the same numbers, a smaller peak, a slower backward (docs/PERFORMANCE.md)"""
@@ -132,11 +137,16 @@ class RunConfig:
                               f"pip install {self.report_to}")
 
 
-def set_seed(seed: int) -> None:
-    """Seed every global RNG a run draws from: Python's, NumPy's and torch's."""
+def set_seed(seed: int, full_determinism: bool = False) -> None:
+    """Seed every global RNG a run draws from: Python's, NumPy's and torch's. full_determinism (--full_determinism,
+    transformers' enable_full_determinism): torch's deterministic kernels too (docs/PERFORMANCE.md), process-wide."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if full_determinism:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it, before CUDA starts
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid; each torch.empty here is written
 
 
 def check_flags(cfg, checks: list) -> None:

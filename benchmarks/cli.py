@@ -37,6 +37,7 @@ def short_run_argv(steps: int, output_dir, flags: list) -> list:
     return ["--max_steps", str(steps), "--eval_every", "0", "--save_every", "0", "--no-save_model", "--output_dir",
             str(output_dir), *flags]
 
+
 def run_main(main: Callable[[], int]) -> int:
     """main()'s exit code; a ConfigError (bad input: a --model that does not load, a bad --data row) or an OSError (a
     path that cannot be read or written) becomes one line on stderr and exit 2, Ctrl-C exit 130."""

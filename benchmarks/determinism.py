@@ -8,7 +8,8 @@ to grpo_mini.train(), and ends with a digest (SHA-256 of every trained weight's 
 computed the same numbers, bit for bit. Exit 0 when all are equal, 1 when not. The runs share one process, so each
 finds the allocator in another state; a kernel whose result depends on where its inputs lie, or on thread timing,
 shows here. What it found on the AMD CPU (docs/PERFORMANCE.md): the default 4096-token micro-batches reproduced, and
-1024-token ones did not (after 2 steps, one of two sets of weights).
+1024-token ones did not (after 2 steps, one of two sets of weights), until torch's deterministic kernels were on
+(`-- --max_tokens_per_micro_batch 1024 --full_determinism`).
 """
 
 from __future__ import annotations

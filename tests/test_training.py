@@ -275,6 +275,36 @@ def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tok
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_full_determinism_makes_the_shared_prompt_backward_repeat_bit_for_bit(tiny_model):
+    """13 rows of 3 prompts of 300 tokens, in fp32: without torch's deterministic kernels, shared_prompt_logps'
+    backward gave 6 different gradients in 10 repeats on the 2-core AMD machine (its gather's backward adds a
+    prompt's rows from two threads at once). harness.set_seed(seed, full_determinism=True) (--full_determinism) turns
+    them on: one gradient. Without it the setting is left alone."""
+    import harness
+
+    torch.manual_seed(1)
+    index = torch.tensor([0] * 3 + [1] * 8 + [2] * 2)  # [n]: the prompt of each row
+    prompt_ids, prompt_mask = torch.randint(3, 200, (3, 300)), torch.ones(3, 300, dtype=torch.long)  # [U, P]
+    completion_ids, mask = torch.randint(3, 200, (13, 20)), torch.ones(13, 20)  # [n, T]
+    assert g.parse_config(argv=["--full_determinism"]).full_determinism and not g.Config().full_determinism
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    harness.set_seed(0)
+    assert torch.are_deterministic_algorithms_enabled() == was
+    try:
+        harness.set_seed(0, full_determinism=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        grads = set()
+        for _ in range(10):
+            tiny_model.zero_grad(set_to_none=True)
+            engine.shared_prompt_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 1.0,
+                                       prompt_index=index).sum().backward()
+            grads.add(b"".join(p.grad.numpy().tobytes() for p in tiny_model.parameters()))
+        assert len(grads) == 1
+    finally:  # the process-wide settings as they were, for the tests after this one
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def test_engine_plain_trains_on_the_plain_forms_alone(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     """--engine plain: train() samples with model.generate and takes log-probs with the full forward; the fast paths
     are never called. The greedy evaluation before training is the same with either engine."""
