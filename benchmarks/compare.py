@@ -281,7 +281,9 @@ def mean_std(values: list) -> str:
 
 def paired_section(summaries: dict, methods: list, seeds: list, out_dir: Path) -> tuple:
     """The paired comparisons (benchmarks/paired.py) as markdown, their numbers, and paired.png: every method
-    against GRPO and against its control (CONTROL_PAIRS), on the final held-out accuracy and length."""
+    against GRPO and against its control (CONTROL_PAIRS), on the final held-out accuracy and length; and
+    paired_METHOD.png for each method with a control (SEED-GRPO: against GRPO, seed_shuffled and the released
+    strength), the picture its README headline shows."""
     if len(seeds) < 2:
         return "", {}
     try:
@@ -295,8 +297,13 @@ def paired_section(summaries: dict, methods: list, seeds: list, out_dir: Path) -
     pairs += [(m, b) for m, b in CONTROL_PAIRS if m in methods and b in methods]
     text, numbers = paired_tables(values, pairs, PAIRED_METRICS)
     drawn = plot_paired(values, pairs, "acc_after", "final held-out accuracy", out_dir / "paired.png")
+    for method in dict.fromkeys(m for m, _ in CONTROL_PAIRS):  # and a picture per method that has a control:
+        own = [(m, b) for m, b in pairs if m == method]        # against GRPO and against each control, side by side
+        if drawn and len(own) > 1:
+            plot_paired(values, own, "acc_after", "final held-out accuracy", out_dir / f"paired_{method}.png")
+    drawn_note = "; paired.png draws it, and paired_METHOD.png each method with a control" if drawn else ""
     return (f"\n\nPaired over seeds {seeds} (each difference is method - baseline at the same seed; 95% t intervals; "
-            f"two-sided Wilcoxon signed-rank p){'; paired.png draws it' if drawn else ''}:\n\n{text}"), numbers
+            f"two-sided Wilcoxon signed-rank p){drawn_note}:\n\n{text}"), numbers
 
 
 def build_table(summaries: dict, seeds: list, styles: bool = False) -> str:

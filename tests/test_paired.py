@@ -2,6 +2,7 @@
 worked examples, the controls (seed_shuffled, SEED-GRPO at the released strength, the mixed-tree share), and a
 two-seed comparison end to end on the tiny model."""
 
+import importlib.util
 import json
 import math
 import os
@@ -82,6 +83,8 @@ def test_compare_paired_preset_end_to_end(tiny_model_dir, tmp_path):
     text = (out / "results.md").read_text()
     assert "| seed_grpo vs seed_shuffled | 2 |" in text and "Wilcoxon" in text
     assert "Answer styles" not in text  # the cold-start style table belongs to the cold-start presets only
+    if importlib.util.find_spec("matplotlib"):  # SEED-GRPO's own picture: against GRPO and against its control
+        assert (out / "paired.png").is_file() and (out / "paired_seed_grpo.png").is_file()
     # a third seed later, keeping the six finished runs: --reuse with --overwrite (the results exist)
     again = run_script("benchmarks/compare.py", "--preset", "paired", "--output_dir", out, "--seeds", "0", "1",
                        "--methods", "grpo", "seed_grpo", "seed_shuffled", "--set", f"model={tiny_model_dir}",
