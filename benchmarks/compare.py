@@ -9,6 +9,8 @@
         # GFPO's regime: GRPO and the three GFPO variants from a verbose fine-tuned checkpoint (docs/RESULTS.md)
     python benchmarks/compare.py --seeds 0 1 2 --methods grpo grpo_2g gfpo_shortest gfpo_token_efficiency
         # with the control that samples G' = 2G and trains on all: is it GFPO's filter or its larger sample?
+    python benchmarks/compare.py --preset paired --seeds 0 1 2 3 4 5 6 7 --reuse --output_dir DIR
+        # the paired comparison of docs/RESULTS.md (issue 35): 8 methods, controls included, 256 held-out problems
 
 Each method runs through its own script (`python grpo_mini.py ...`, `python seed_grpo.py ...`,
 `python gfpo.py ...`) in a subprocess. The training code is not re-implemented here. This file only reads
@@ -24,6 +26,11 @@ back each run's metrics.jsonl. It writes, under --output_dir:
                   each method's mean over seeds, with a band of ± one std (cold_start: the style shares too)
     accuracy_vs_length.png   held-out accuracy against held-out length, one curve per method through its evals
     summary.json  the settings, and every number of the table per method AND per seed
+    paired.png    with several seeds: each method against GRPO and against its control, a line per seed
+                  (benchmarks/paired.py; the paired differences, intervals and p-values are in results.md too), and
+                  paired_METHOD.png for each method that has a control
+--reuse keeps each finished run made with the same flags and, where --model is a local directory (the cold start's),
+from the same weights: each run's cost.json records their SHA-256 beside its wall and CPU seconds.
 matplotlib is optional: without it the table is written and a one-line hint is printed.
 
 How the methods are made comparable, as the GFPO paper compares them (arXiv 2508.09726):
@@ -39,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -163,12 +172,33 @@ def finished_run(method: str, flags: list, run_dir: Path) -> bool:
 
 
 def ended(run_dir: Path, stored, wanted) -> bool:
-    """finished_run, given stored_and_wanted's pair."""
+    """finished_run, given stored_and_wanted's pair; a run trained from a local --model directory whose weights have
+    changed since (benchmarks/cold_start.py run again) did not end as this run would, and is trained again."""
     try:
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return False
-    return stored == wanted and "eval_accuracy" in last and last["step"] == wanted["max_steps"]
+    try:  # written by run_method beside each run; None for a hub model, and in runs made before 2026-12-06
+        trained_from = json.loads((run_dir / "cost.json").read_text()).get("model_sha256")
+    except (OSError, ValueError):
+        trained_from = None
+    return (stored == wanted and "eval_accuracy" in last and last["step"] == wanted["max_steps"]
+            and trained_from == model_digest(wanted["model"]))
+
+
+@functools.lru_cache(maxsize=None)
+def model_digest(model: str):
+    """SHA-256 over the weight files of a local --model directory (None for a hub id or a file), so that --reuse
+    keeps a run only when it was trained from the same weights, not merely from the same path."""
+    directory = ROOT / model
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")):
+        with path.open("rb") as weights:
+            for block in iter(lambda: weights.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def run_flags(method: str, seed: int, settings: dict, run_dir: Path) -> list:
@@ -210,7 +240,8 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: boo
                                 text=True)
         wall = time.time() - start
         cost.write_text(json.dumps({"wall_s": wall, "cpu_s": children_cpu_seconds() - cpu_start,  # and the allocator
-                                    "ld_preload": os.environ.get("LD_PRELOAD")}))  # (tcmalloc: the same numbers, faster)
+                                    "ld_preload": os.environ.get("LD_PRELOAD"),  # (tcmalloc: the same numbers, faster)
+                                    "model_sha256": model_digest(settings["model"]) if "model" in settings else None}))
         (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "
