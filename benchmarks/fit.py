@@ -1,5 +1,5 @@
 """benchmarks/fit.py: will it fit? One training step of bigger models, its peak memory measured on the CPU, and what
-that predicts for the README's GPU settings on one GPU (the README's "Will it fit?" table).
+that predicts for the README's GPU settings on one GPU (the card table of docs/PERFORMANCE.md, "Will it fit?").
 
     python benchmarks/fit.py                                  # the four rows below, about 5 minutes on 2 CPU cores
     python benchmarks/fit.py --models qwen2.5-0.5b --prompts 1
@@ -174,9 +174,9 @@ def largest_micro_batch(row: dict, card_gb: int):
 
 
 def table(results: list, prompts: int = 2, completion_tokens: int = 64, alternative: list = ()) -> str:
-    """The README's table: per card, the largest micro-batch predicted to fit ("-": none of MICRO_BATCHES); with
-    `alternative` (the same rows measured with other flags, e.g. -- --gradient_checkpointing), its largest in
-    brackets after each."""
+    """The card table (docs/PERFORMANCE.md, "Will it fit?"): per card, the largest micro-batch predicted to fit
+    ("-": none of MICRO_BATCHES); with `alternative` (the same rows measured with other flags, e.g. --
+    --gradient_checkpointing), its largest in brackets after each."""
     lines = [f"| model | training | measured: CPU peak RSS, {prompts} x 8 rows of {completion_tokens} tokens | "
              "predicted: one GPU, 16 x 8 rows of 512, micro-batch 16384 / 4096 tokens | "
              + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |", "|---|---|---|---|" + "---|" * len(CARDS_GB)]
