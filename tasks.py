@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import sys
 import traceback
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from scaling import ConfigError
+from scaling import ConfigError, say
 
 if TYPE_CHECKING:  # annotations only: the task code itself needs no torch
     import torch
@@ -273,11 +275,23 @@ def build_task(cfg) -> tuple[list, list]:
             train = [p for p in problems if p.prompt not in seen]
             if not train:
                 raise ConfigError(f"--data {cfg.data}: every prompt is also in --eval_data {cfg.eval_data}")
+            warn_fewer_held_out(cfg, len(held_out), f"--eval_data {cfg.eval_data} has only {len(held_out)} rows")
             return train, held_out
-        return split_problems(problems, cfg.num_eval_problems, cfg.seed)
+        train, held_out = split_problems(problems, cfg.num_eval_problems, cfg.seed)
+        warn_fewer_held_out(cfg, len(held_out), f"at most a fifth of --data's {len({p.prompt for p in problems})} "
+                                                f"distinct prompts are held out")
+        return train, held_out
     train, generated = make_arithmetic_split(cfg.seed, cfg.num_train_problems, cfg.num_eval_problems,
                                              TASK_GENERATORS[cfg.task])
     return train, generated if held_out is None else held_out
+
+
+def warn_fewer_held_out(cfg, count: int, why: str) -> None:
+    """One line on stderr (rank 0) when the held-out set is smaller than --num_eval_problems asked, so that a result
+    is never read as measured on more problems than it was."""
+    if count < cfg.num_eval_problems and os.environ.get("RANK", "0") == "0":
+        say(f"warning: --num_eval_problems {cfg.num_eval_problems}: evaluating on {count} held-out problems ({why})",
+            file=sys.stderr)
 
 
 def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:

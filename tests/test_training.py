@@ -68,6 +68,21 @@ def test_data_file_is_read_and_split(tmp_path):
     assert {p.answer for p in train + held_out} == {float(i + 1) for i in range(10)}
 
 
+def test_a_smaller_held_out_set_than_asked_is_said(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "answer": i + 1}) + "\n" for i in range(10)))
+    train, held_out = g.build_task(g.Config(data=str(data), num_eval_problems=4, seed=0))
+    assert (len(train), len(held_out)) == (8, 2)
+    assert capsys.readouterr().err == ("warning: --num_eval_problems 4: evaluating on 2 held-out problems (at most a "
+                                       "fifth of --data's 10 distinct prompts are held out)\n")
+    evals = tmp_path / "e.jsonl"
+    evals.write_text('{"prompt": "7 + 7?", "answer": 14}\n{"prompt": "8 + 8?", "answer": 16}\n')
+    g.build_task(g.Config(data=str(data), eval_data=str(evals), num_eval_problems=4, seed=0))
+    assert "evaluating on 2 held-out problems (--eval_data" in capsys.readouterr().err
+    g.build_task(g.Config(data=str(data), num_eval_problems=2, seed=0))  # as many as asked: nothing said
+    assert capsys.readouterr().err == ""
+
+
 def test_help_shows_every_field_doc():
     help_text = g.build_parser(g.Config).format_help()
     for name, doc in g.field_docs(g.Config).items():
