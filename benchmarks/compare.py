@@ -173,17 +173,19 @@ def finished_run(method: str, flags: list, run_dir: Path) -> bool:
 
 def ended(run_dir: Path, stored, wanted) -> bool:
     """finished_run, given stored_and_wanted's pair; a run trained from a local --model directory whose weights have
-    changed since (benchmarks/cold_start.py run again) did not end as this run would, and is trained again."""
+    changed since, or on a --data file whose problems have (benchmarks/cold_start.py run again), did not end as this
+    run would, and is trained again."""
     try:
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return False
     try:  # written by run_method beside each run; None for a hub model, and in runs made before 2026-12-06
-        trained_from = json.loads((run_dir / "cost.json").read_text()).get("model_sha256")
+        cost = json.loads((run_dir / "cost.json").read_text())
     except (OSError, ValueError):
-        trained_from = None
+        cost = {}
+    same_data = "data_sha256" not in cost or cost["data_sha256"] == file_digest(wanted.get("data"))  # since 12-06
     return (stored == wanted and "eval_accuracy" in last and last["step"] == wanted["max_steps"]
-            and trained_from == model_digest(wanted["model"]))
+            and cost.get("model_sha256") == model_digest(wanted["model"]) and same_data)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,6 +201,16 @@ def model_digest(model: str):
             for block in iter(lambda: weights.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path):
+    """SHA-256 of a local --data file (None for none, or a hub name): a run trained on other problems at the same
+    path (benchmarks/cold_start.py --num_rl_problems changed) is not reused. Runs made before this was recorded
+    (before 2026-12-06, session 11) are judged by their flags and model alone."""
+    if not path or not (ROOT / path).is_file():
+        return None
+    return hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
 
 
 def run_flags(method: str, seed: int, settings: dict, run_dir: Path) -> list:
@@ -241,7 +253,8 @@ def run_method(method: str, seed: int, settings: dict, out_dir: Path, reuse: boo
         wall = time.time() - start
         cost.write_text(json.dumps({"wall_s": wall, "cpu_s": children_cpu_seconds() - cpu_start,  # and the allocator
                                     "ld_preload": os.environ.get("LD_PRELOAD"),  # (tcmalloc: the same numbers, faster)
-                                    "model_sha256": model_digest(settings["model"]) if "model" in settings else None}))
+                                    "model_sha256": model_digest(settings["model"]) if "model" in settings else None,
+                                    "data_sha256": file_digest(settings.get("data"))}))
         (out_dir / f"{method}_seed{seed}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise SystemExit(f"error: {method} seed {seed} failed (exit {result.returncode}); see its log: "

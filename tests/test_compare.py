@@ -92,10 +92,10 @@ def test_unknown_set_keys_and_earlier_results_are_one_line_before_any_run(tmp_pa
     assert (out / "results.md").read_text() == "an earlier comparison"
 
 
-def test_reuse_trains_again_a_run_whose_local_model_changed(tiny_model_dir, tmp_path):
-    """--reuse keeps a finished run only when its --model directory still holds the same weights (cost.json's
-    model_sha256): benchmarks/cold_start.py run again over runs/cold_start/model makes the earlier runs stale, though
-    their flags are the same."""
+def test_reuse_trains_again_a_run_whose_local_model_or_data_changed(tiny_model_dir, tmp_path):
+    """--reuse keeps a finished run only when its --model directory still holds the same weights and its --data file
+    the same problems (cost.json's model_sha256 and data_sha256): benchmarks/cold_start.py run again over
+    runs/cold_start makes the earlier runs stale, though their flags are the same."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -103,13 +103,16 @@ def test_reuse_trains_again_a_run_whose_local_model_changed(tiny_model_dir, tmp_
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     out = tmp_path / "compare"
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "answer": i + 2}) + "\n" for i in range(20)))
     settings = ["max_steps=1", "prompts_per_step=2", "num_generations=2", "max_completion_length=8",
-                "num_eval_problems=4", "num_train_problems=20", "device=cpu", "eval_every=1"]
+                "num_eval_problems=4", f"data={data}", "device=cpu", "eval_every=1"]
     args = ("benchmarks/compare.py", "--output_dir", out, "--seeds", "0", "--methods", "grpo", "--overwrite",
             "--reuse", "--set", f"model={model}", *settings)
     first = run_script(*args, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert len(json.loads((out / "grpo_seed0" / "cost.json").read_text())["model_sha256"]) == 64
+    cost = json.loads((out / "grpo_seed0" / "cost.json").read_text())
+    assert len(cost["model_sha256"]) == 64 and len(cost["data_sha256"]) == 64
     same = run_script(*args, timeout=600)
     assert same.returncode == 0 and same.stdout.count("reusing the finished run") == 1, same.stderr[-2000:]
     weights = next(model.glob("*.safetensors"))
@@ -117,5 +120,11 @@ def test_reuse_trains_again_a_run_whose_local_model_changed(tiny_model_dir, tmp_
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 0.01  # another fine-tune's weights, at the same path
     save_file(tensors, weights, metadata={"format": "pt"})
+    changed = run_script(*args, timeout=600)
+    assert changed.returncode == 0 and "reusing" not in changed.stdout, changed.stderr[-2000:]
+    again = run_script(*args, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 1, again.stderr[-2000:]
+    with data.open("a") as more:  # more problems at the same path: another split, another run
+        more.write(json.dumps({"prompt": "What is 40 + 2?", "answer": 42}) + "\n")
     changed = run_script(*args, timeout=600)
     assert changed.returncode == 0 and "reusing" not in changed.stdout, changed.stderr[-2000:]
