@@ -20,6 +20,7 @@ three answer styles:
 The mix (MIX) and the number of steps were fixed before any RL run and are not tuned on RL results. classify_style
 tells the styles apart with a regex, so training and evaluation can report each style's share. Writes, under
 --output_dir: model/ (what --model takes), problems.jsonl (the RL problems, none of them seen in the fine-tune),
+eval_problems.jsonl (held-out problems in neither),
 sft_log.jsonl (loss and each style's share per logged step) and styles.json (the sampled accuracy and share of each
 style after the fine-tune). The loop is ours, over grpo_mini.completion_logps: the loss is minus the mean log-prob
 of the solution tokens (engine.shared_prompt_logps: each prompt forwarded once, as in a GRPO step).
@@ -107,10 +108,12 @@ def style_report(completions: list, rewards: list) -> dict:
     return report
 
 
-def split_problems(seed: int, num_sft: int, num_rl: int) -> tuple:
-    """Distinct fine-tune and RL problems, with no prompt in both."""
-    problems = gm.distinct_problems(make_sum_of_four, num_sft + num_rl, random.Random(seed), flag="--num_rl_problems")
-    return problems[:num_sft], problems[num_sft:]
+def split_problems(seed: int, num_sft: int, num_rl: int, num_eval: int = 0) -> tuple:
+    """Distinct fine-tune, RL and held-out problems, with no prompt in two of them. They are drawn in that order, so
+    asking for more held-out problems leaves the fine-tune's and the RL's as they were."""
+    problems = gm.distinct_problems(make_sum_of_four, num_sft + num_rl + num_eval, random.Random(seed),
+                                    flag="--num_rl_problems")
+    return problems[:num_sft], problems[num_sft:num_sft + num_rl], problems[num_sft + num_rl:]
 
 
 def sft_batch(problems: list, tokenizer, rng: random.Random, batch_size: int, device) -> tuple:
@@ -148,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--learning_rate", type=at_least(1e-12, float), default=5e-5, help="AdamW learning rate (constant)")
     parser.add_argument("--num_sft_problems", type=at_least(1), default=2000, help="distinct problems to fine-tune on")
     parser.add_argument("--num_rl_problems", type=at_least(2), default=1200, help="distinct problems written for RL")
+    parser.add_argument("--num_eval_problems", type=at_least(2), default=256, help="distinct held-out problems written "
+                        "to eval_problems.jsonl (compare.py's paired_cold_start_256 preset evaluates on them)")
     parser.add_argument("--probe_prompts", type=at_least(1), default=32, help="problems sampled after the fine-tune")
     parser.add_argument("--max_new_tokens", type=at_least(1), default=160, help="completion length of that sampling "
                         "(compare.py's cold_start preset trains with the same)")
@@ -163,7 +168,8 @@ def main(argv=None) -> int:
         print("error: --steps and --batch_size must be >= 1", file=sys.stderr)
         return 2
     try:  # a bad --model or too many problems asked for: one line, not a traceback
-        sft_problems, rl_problems = split_problems(args.seed, args.num_sft_problems, args.num_rl_problems)
+        sft_problems, rl_problems, eval_problems = split_problems(args.seed, args.num_sft_problems,
+                                                                  args.num_rl_problems, args.num_eval_problems)
         model, tokenizer = gm.load_model_and_tokenizer(args.model)
     except gm.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -174,8 +180,9 @@ def main(argv=None) -> int:
     model.to(device).train()
     sampler_kernel = gm.engine.use_training_attention(model, "auto", device, dtype)  # eager: fast CPU bf16 backward
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "problems.jsonl", "w") as handle:
-        handle.writelines(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in rl_problems)
+    for name, problems in (("problems.jsonl", rl_problems), ("eval_problems.jsonl", eval_problems)):
+        with open(out / name, "w") as handle:
+            handle.writelines(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems)
     probe_set = rl_problems[:args.probe_prompts]
     before = sampled_styles(model, tokenizer, probe_set, device, dtype, args.max_new_tokens, args.seed, sampler_kernel)
     print(f"before: sampled accuracy {before['accuracy']:.3f}, length {before['mean_length']:.1f}", flush=True)
@@ -210,7 +217,8 @@ def main(argv=None) -> int:
     for style, r in after["styles"].items():
         accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         print(f"  {style:>6}: share {r['share']:.2f}, accuracy {accuracy}")
-    print(f"e.g. {after['examples'][0]!r}\nwrote {out / 'model'}, {out / 'problems.jsonl'} and {out / 'styles.json'}")
+    print(f"e.g. {after['examples'][0]!r}\nwrote {out / 'model'}, {out / 'problems.jsonl'}, "
+          f"{out / 'eval_problems.jsonl'} and {out / 'styles.json'}")
     return 0
 
 

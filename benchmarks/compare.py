@@ -105,13 +105,16 @@ for _preset in PRESETS.values():  # the constant learning rate their results in 
 # evaluated at steps 0, 10 and 20; each method against its baseline over paired seeds (benchmarks/paired.py).
 PRESETS["paired"] = {**PRESETS["cpu"], "lr_scheduler_type": "linear", "num_eval_problems": 256, "eval_every": 10}
 PRESETS["paired_cold_start"] = {**PRESETS["cold_start"], "lr_scheduler_type": "linear", "num_eval_problems": 256,
-                                "eval_every": 10}
+                                "eval_every": 10}  # held out of the 1200 RL problems: at most a fifth, so 240
+# The same, evaluated on cold_start.py's separate 256 held-out problems (all 1200 RL problems train).
+PRESETS["paired_cold_start_256"] = {**PRESETS["paired_cold_start"], "eval_data": "runs/cold_start/eval_problems.jsonl"}
 DEFAULT_METHODS = ["grpo", "seed_grpo", "gfpo_shortest", "gfpo_token_efficiency"]
 PRESET_METHODS = {"cold_start": ["grpo", "gfpo_shortest", "gfpo_token_efficiency", "gfpo_adaptive"],
                   "tree": ["chain_multiturn", "tree_grpo"],
                   "paired": ["grpo", "grpo_2g", "seed_grpo", "seed_shuffled", "seed_grpo_released",
                              "gfpo_token_efficiency", "gfpo_shortest", "dynamic_sampling"],
-                  "paired_cold_start": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"]}
+                  "paired_cold_start": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"],
+                  "paired_cold_start_256": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"]}
 # Each comparison (method, its baseline): every method against GRPO, and the controls that could explain it away.
 CONTROL_PAIRS = [("seed_grpo", "seed_shuffled"), ("seed_grpo", "seed_grpo_released"),
                  ("gfpo_token_efficiency", "grpo_2g"), ("gfpo_shortest", "grpo_2g"), ("gfpo_adaptive", "grpo_2g")]
@@ -530,11 +533,11 @@ def main() -> int:
     settings = {**PRESETS[args.preset], **parse_overrides(args.set)}
     out_dir = Path(args.output_dir)
     check_before_running(methods, settings, out_dir, args.overwrite, args.seeds, args.reuse)
-    missing = [settings[key] for key in ("model", "data")
-               if "cold_start" in args.preset and not (ROOT / settings[key]).exists()]
+    missing = [settings[key] for key in ("model", "data", "eval_data")
+               if "cold_start" in args.preset and key in settings and not (ROOT / settings[key]).exists()]
     if missing:
-        raise SystemExit(f"error: --preset cold_start trains from {missing[0]}, which is not there yet: make it first "
-                         f"with `python benchmarks/cold_start.py`")
+        raise SystemExit(f"error: --preset {args.preset} needs {missing[0]}, which is not there yet: make it first "
+                         f"with `python benchmarks/cold_start.py` (--overwrite remakes an older cold start)")
     out_dir.mkdir(parents=True, exist_ok=True)
     # seed by seed, every method of a seed before the next seed: stopped early, the paired comparison has whole seeds
     done = {(m, seed): run_method(m, seed, settings, out_dir, args.reuse) for seed in args.seeds for m in methods}

@@ -53,8 +53,10 @@ def test_style_report_shares_and_accuracies():
 def test_sft_and_rl_problems_never_share_a_prompt():
     from benchmarks.cold_start import split_problems
 
-    sft, rl = split_problems(0, 300, 100)
-    assert len(sft) == 300 and len(rl) == 100 and not {p.prompt for p in sft} & {p.prompt for p in rl}
+    sft, rl, held_out = split_problems(0, 300, 100, 50)
+    assert (len(sft), len(rl), len(held_out)) == (300, 100, 50)
+    assert len({p.prompt for p in sft} | {p.prompt for p in rl} | {p.prompt for p in held_out}) == 450
+    assert split_problems(0, 300, 100)[:2] == (sft, rl)  # more held-out problems leave the others as they were
 
 
 def test_matched_accuracy_docstring_example():
@@ -87,7 +89,7 @@ def test_cold_start_end_to_end_then_compare_reads_its_styles(tiny_model_dir, tmp
     out = tmp_path / "cold"
     result = run_script("benchmarks/cold_start.py", "--model", tiny_model_dir, "--output_dir", out, "--steps", "2",
                         "--batch_size", "2", "--num_sft_problems", "20", "--num_rl_problems", "30",
-                        "--probe_prompts", "1", "--max_new_tokens", "8")
+                        "--num_eval_problems", "6", "--probe_prompts", "1", "--max_new_tokens", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in (out / "sft_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and abs(sum(log[0][f"share_{s}"] for s in ("direct", "worked",
@@ -95,6 +97,7 @@ def test_cold_start_end_to_end_then_compare_reads_its_styles(tiny_model_dir, tmp
     styles = json.loads((out / "styles.json").read_text())
     assert set(styles["after"]["styles"]) == {"direct", "worked", "filler", "other"}
     assert len((out / "problems.jsonl").read_text().splitlines()) == 30
+    assert len((out / "eval_problems.jsonl").read_text().splitlines()) == 6
     again = run_script("benchmarks/cold_start.py", "--model", tiny_model_dir, "--output_dir", out)
     assert again.returncode == 2 and "already holds a cold start" in again.stderr  # nothing replaced silently
     missing = run_script("benchmarks/cold_start.py", "--model", tmp_path / "nothing", "--output_dir", tmp_path / "x")
@@ -103,8 +106,9 @@ def test_cold_start_end_to_end_then_compare_reads_its_styles(tiny_model_dir, tmp
 
     compare = tmp_path / "compare"
     result = run_script(
-        "benchmarks/compare.py", "--preset", "cold_start", "--methods", "grpo", "gfpo_adaptive", "--output_dir",
-        compare, "--set", f"model={out / 'model'}", f"data={out / 'problems.jsonl'}", "max_steps=1",
+        "benchmarks/compare.py", "--preset", "paired_cold_start_256", "--methods", "grpo", "gfpo_adaptive",
+        "--output_dir", compare, "--set", f"model={out / 'model'}", f"data={out / 'problems.jsonl'}",
+        f"eval_data={out / 'eval_problems.jsonl'}", "max_steps=1",
         "prompts_per_step=2", "num_generations=2", "max_completion_length=8", "num_eval_problems=4", "device=cpu",
         "eval_every=1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,5 +128,5 @@ def test_cold_start_preset_without_its_checkpoint_is_one_line(tmp_path):
                         f"model={tmp_path / 'none'}", timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: --preset cold_start trains from {tmp_path / 'none'}, which is not there yet: make it first with "
-        f"`python benchmarks/cold_start.py`"]
+        f"error: --preset cold_start needs {tmp_path / 'none'}, which is not there yet: make it first with "
+        f"`python benchmarks/cold_start.py` (--overwrite remakes an older cold start)"]
