@@ -10,12 +10,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import os
 import re
 import sys
 from typing import Callable, Optional
 
-from scaling import ConfigError, say
+from scaling import ConfigError, say, say_on_rank_zero
 
 
 class NothingToDo(ConfigError):
@@ -91,7 +90,6 @@ def run_cli(train: Callable, cfg, **train_kwargs) -> int:
             err = (f"out of memory ({str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}"
                    f"): lower --prompts_per_step, --num_generations, --max_completion_length or "
                    f"--max_tokens_per_micro_batch")
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the line, not one per process
-            say(f"error: {err}", file=sys.stderr)
+        say_on_rank_zero(f"error: {err}", file=sys.stderr)
         return 2
     return summary["exit_code"]  # 0, or 130 after Ctrl-C / 143 after SIGTERM, once everything is saved

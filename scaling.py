@@ -41,6 +41,12 @@ def say(message: str = "", file=None) -> None:
         pass
 
 
+def say_on_rank_zero(message: str = "", file=None) -> None:
+    """say() in the first process only: under torchrun (RANK set) one copy of the line, not one per process."""
+    if os.environ.get("RANK", "0") == "0":
+        say(message, file)
+
+
 class SafeStream:
     """sys.stdout or sys.stderr that never raises. The first write or flush that fails (the reader of a pipe has
     gone: `2>&1 | head -2`, a `| tee` killed before us; or the stream is closed) points the stream, and its file

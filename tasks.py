@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -23,7 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from scaling import ConfigError, say
+from scaling import ConfigError, say_on_rank_zero
 
 if TYPE_CHECKING:  # annotations only: the task code itself needs no torch
     import torch
@@ -268,6 +267,7 @@ def build_task(cfg) -> tuple[list, list]:
     if cfg.eval_data:
         held_out = load_problems(cfg.eval_data, cfg.eval_data_split, flag="--eval_data", **columns)
         held_out = random.Random(cfg.seed).sample(held_out, min(cfg.num_eval_problems, len(held_out)))
+        warn_fewer_held_out(cfg, len(held_out), f"--eval_data {cfg.eval_data} has only {len(held_out)} rows")
     if cfg.data:
         problems = load_problems(cfg.data, cfg.data_split, **columns)
         if held_out is not None:  # a prompt in both sets would leak: it trains only where it is not held out
@@ -275,7 +275,6 @@ def build_task(cfg) -> tuple[list, list]:
             train = [p for p in problems if p.prompt not in seen]
             if not train:
                 raise ConfigError(f"--data {cfg.data}: every prompt is also in --eval_data {cfg.eval_data}")
-            warn_fewer_held_out(cfg, len(held_out), f"--eval_data {cfg.eval_data} has only {len(held_out)} rows")
             return train, held_out
         train, held_out = split_problems(problems, cfg.num_eval_problems, cfg.seed)
         warn_fewer_held_out(cfg, len(held_out), f"at most a fifth of --data's {len({p.prompt for p in problems})} "
@@ -289,9 +288,9 @@ def build_task(cfg) -> tuple[list, list]:
 def warn_fewer_held_out(cfg, count: int, why: str) -> None:
     """One line on stderr (rank 0) when the held-out set is smaller than --num_eval_problems asked, so that a result
     is never read as measured on more problems than it was."""
-    if count < cfg.num_eval_problems and os.environ.get("RANK", "0") == "0":
-        say(f"warning: --num_eval_problems {cfg.num_eval_problems}: evaluating on {count} held-out problems ({why})",
-            file=sys.stderr)
+    if count < cfg.num_eval_problems:
+        say_on_rank_zero(f"warning: --num_eval_problems {cfg.num_eval_problems}: evaluating on {count} held-out "
+                         f"problems ({why})", file=sys.stderr)
 
 
 def split_problems(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:

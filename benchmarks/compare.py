@@ -113,8 +113,8 @@ PRESET_METHODS = {"cold_start": ["grpo", "gfpo_shortest", "gfpo_token_efficiency
                   "tree": ["chain_multiturn", "tree_grpo"],
                   "paired": ["grpo", "grpo_2g", "seed_grpo", "seed_shuffled", "seed_grpo_released",
                              "gfpo_token_efficiency", "gfpo_shortest", "dynamic_sampling"],
-                  "paired_cold_start": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"],
-                  "paired_cold_start_256": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"]}
+                  "paired_cold_start": ["grpo", "grpo_2g", "gfpo_shortest", "gfpo_adaptive"]}
+PRESET_METHODS["paired_cold_start_256"] = PRESET_METHODS["paired_cold_start"]
 # Each comparison (method, its baseline): every method against GRPO, and the controls that could explain it away.
 CONTROL_PAIRS = [("seed_grpo", "seed_shuffled"), ("seed_grpo", "seed_grpo_released"),
                  ("gfpo_token_efficiency", "grpo_2g"), ("gfpo_shortest", "grpo_2g"), ("gfpo_adaptive", "grpo_2g")]
@@ -198,12 +198,7 @@ def model_digest(model: str):
     directory = ROOT / model
     if not directory.is_dir():
         return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")):
-        with path.open("rb") as weights:
-            for block in iter(lambda: weights.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,7 +208,17 @@ def file_digest(path):
     (before 2026-12-06, session 11) are judged by their flags and model alone."""
     if not path or not (ROOT / path).is_file():
         return None
-    return hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+    return sha256_of([ROOT / path])
+
+
+def sha256_of(paths: list) -> str:
+    """One SHA-256 over these files' bytes, in order, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def run_flags(method: str, seed: int, settings: dict, run_dir: Path) -> list:

@@ -79,6 +79,8 @@ def test_a_smaller_held_out_set_than_asked_is_said(tmp_path, capsys):
     evals.write_text('{"prompt": "7 + 7?", "answer": 14}\n{"prompt": "8 + 8?", "answer": 16}\n')
     g.build_task(g.Config(data=str(data), eval_data=str(evals), num_eval_problems=4, seed=0))
     assert "evaluating on 2 held-out problems (--eval_data" in capsys.readouterr().err
+    g.build_task(g.Config(eval_data=str(evals), num_eval_problems=4, seed=0))  # beside the built-in task, the same
+    assert "evaluating on 2 held-out problems (--eval_data" in capsys.readouterr().err
     g.build_task(g.Config(data=str(data), num_eval_problems=2, seed=0))  # as many as asked: nothing said
     assert capsys.readouterr().err == ""
 
