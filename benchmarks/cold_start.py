@@ -112,7 +112,7 @@ def split_problems(seed: int, num_sft: int, num_rl: int, num_eval: int = 0) -> t
     """Distinct fine-tune, RL and held-out problems, with no prompt in two of them. They are drawn in that order, so
     asking for more held-out problems leaves the fine-tune's and the RL's as they were."""
     problems = gm.distinct_problems(make_sum_of_four, num_sft + num_rl + num_eval, random.Random(seed),
-                                    flag="--num_rl_problems")
+                                    flag="--num_sft_problems + --num_rl_problems + --num_eval_problems =")
     return problems[:num_sft], problems[num_sft:num_sft + num_rl], problems[num_sft + num_rl:]
 
 
@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default="runs/cold_start", help="where model/, problems.jsonl and logs go")
     parser.add_argument("--steps", type=at_least(1), default=60, help="fine-tune steps")
     parser.add_argument("--batch_size", type=at_least(1), default=8, help="solutions per step")
-    parser.add_argument("--learning_rate", type=at_least(1e-12, float), default=5e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--learning_rate", type=at_least(1e-12, float), default=5e-5,
+                        help="AdamW learning rate (constant)")
     parser.add_argument("--num_sft_problems", type=at_least(1), default=2000, help="distinct problems to fine-tune on")
     parser.add_argument("--num_rl_problems", type=at_least(2), default=1200, help="distinct problems written for RL")
     parser.add_argument("--num_eval_problems", type=at_least(2), default=256, help="distinct held-out problems written "

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                            # tiny random model and SmolLM2-135M, beta 0 and 0.04
     python benchmarks/step_time.py --models smollm2 --betas 0 --rounds 2 --steps 2    # docs/PERFORMANCE.md's table
     python benchmarks/step_time.py --models qwen2.5-0.5b-random --device cuda    # on a GPU
+    python benchmarks/step_time.py --models smollm2 --betas 0 --no-trl --compile train   # torch.compile's effect
 
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
 (64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
@@ -128,13 +129,35 @@ class PeakMemory:
             self.thread.join()
 
 
-def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: int) -> dict:
-    """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds."""
+def compile_layers(model) -> int:
+    """Regional compilation: every decoder layer gets torch.compile (inductor, dynamic shapes) on its own. Returns
+    how many. The layers share one forward, but not one compiled graph: transformers' KV cache picks a layer's
+    entry by the layer's index, an int that dynamo specialises on, so each layer compiles apart (twice in the
+    training forward: the prompt pass and the completion pass). dynamo's recompile limit (8 by default) would leave
+    the rest eager without a word, so it is raised to fit every layer."""
+    import torch._dynamo
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: int, compile_where: str = "none") -> dict:
+    """`steps` steps of grpo_mini.grpo_step (the code train() runs); per-step phase seconds. compile_where (train,
+    sample, both) compiles the decoder layers of the policy and / or of the sampling copy first (compile_layers); the
+    compile happens in the block's first step, whose seconds are returned apart as first_step_s."""
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     # as train() does: the training attention kernel by --attn_implementation, the sampling copy keeps the model's own
     dtype = g.pick_dtype(cfg.dtype, device)
     own_kernel = g.use_training_attention(model, cfg.attn_implementation, device, dtype)
     sampler = g.make_sampling_model(model, dtype, own_kernel)
+    if compile_where in ("sample", "both"):
+        compile_layers(sampler)
+    if compile_where in ("train", "both"):
+        compile_layers(model)
     records = []
     with PeakMemory(device) as memory:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
@@ -152,7 +175,7 @@ def grpo_mini_block(model, tokenizer, problems, cfg: g.Config, device, steps: in
             records.append(seconds)
         del optimizer, ref_model
     model.set_attn_implementation(own_kernel)  # the next block starts from the model as it was loaded
-    return {"records": records[1:], "peak_bytes": memory.peak}
+    return {"records": records[1:], "peak_bytes": memory.peak, "first_step_s": records[0]["step_s"]}
 
 
 def trl_precision(impl: str, device) -> dict:
@@ -250,14 +273,14 @@ def memory_child(args, device, problems) -> int:
             block = trl_block(str(Path(workdir) / "model"), tokenizer, problems, cfg, device, args.steps, workdir,
                               impl=args.memory_of)
         else:
-            block = grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps)
+            block = grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps, args.compile)
     print(f"peak_mib {block['peak_bytes'] / 2**20:.1f}")
     return 0
 
 
 def peak_memory_in_fresh_process(impl: str, model_name: str, beta: float, args) -> float:
     result = subprocess.run([sys.executable, __file__, "--models", model_name, "--betas", str(beta), "--steps",
-                             str(args.steps), "--device", args.device, "--memory-of", impl]
+                             str(args.steps), "--device", args.device, "--memory-of", impl, "--compile", args.compile]
                             + (["--no-keep-freed-memory"] if args.no_keep_freed_memory else []),
                             capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("peak_mib ")]
@@ -321,6 +344,10 @@ def main() -> int:
     parser.add_argument("--no-keep-freed-memory", action="store_true",
                         help="leave glibc's allocator at its defaults (engine.keep_freed_memory is process-wide, "
                              "so by default it applies to every implementation here, TRL included)")
+    parser.add_argument("--compile", choices=("none", "train", "sample", "both"), default="none",
+                        help="torch.compile grpo_mini's decoder layers (compile_layers): in the training model, in the "
+                             "sampling copy, or both; the compile falls in each block's first (untimed) step, whose "
+                             "seconds are printed")
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.steps < 2:
@@ -340,7 +367,8 @@ def main() -> int:
     impls = list(IMPLEMENTATIONS) if with_trl else ["grpo_mini"]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, fast bf16 on this CPU: "
           f"{g.cpu_has_fast_bf16()}; 4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x "
-          f"{args.steps - 1} steps; freed memory kept in the process (all implementations): {kept}")
+          f"{args.steps - 1} steps; freed memory kept in the process (all implementations): {kept}; "
+          f"torch.compile of grpo_mini's layers: {args.compile}")
     header = ("| model | beta | impl | dtype | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | "
               "peak MiB |")
     rows, ratios, utilisation = [header, "|" + "---|" * 11], [], []
@@ -359,7 +387,11 @@ def main() -> int:
             model.generation_config.min_new_tokens = cfg.max_completion_length  # grpo_mini's forced length
             blocks = {impl: [] for impl in impls}
             for _ in range(args.rounds):
-                blocks["grpo_mini"].append(grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps))
+                blocks["grpo_mini"].append(grpo_mini_block(model, tokenizer, problems, cfg, device, args.steps,
+                                                           args.compile))
+                if args.compile != "none":
+                    print(f"compiled ({args.compile}): the block's first step took "
+                          f"{blocks['grpo_mini'][-1]['first_step_s']:.1f} s", flush=True)
                 for impl in impls[1:]:
                     with tempfile.TemporaryDirectory() as workdir:
                         blocks[impl].append(trl_block(trl_dir.name, tokenizer, problems, cfg, device, args.steps,

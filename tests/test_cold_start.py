@@ -59,6 +59,17 @@ def test_sft_and_rl_problems_never_share_a_prompt():
     assert split_problems(0, 300, 100)[:2] == (sft, rl)  # more held-out problems leave the others as they were
 
 
+def test_too_many_problems_names_all_three_flags(monkeypatch):
+    """All three counts draw from one pool, so running out names the sum of the three flags, not one of them."""
+    import grpo_mini as g
+    from benchmarks import cold_start
+
+    monkeypatch.setattr(cold_start, "make_sum_of_four", lambda rng: g.Problem(f"{rng.randint(1, 3)} + 1?", 0.0))
+    with pytest.raises(g.ConfigError, match=r"^--num_sft_problems \+ --num_rl_problems \+ --num_eval_problems = 6: "
+                                            r"the task gave only 3 distinct prompts; ask for fewer$"):
+        cold_start.split_problems(0, 2, 2, 2)
+
+
 def test_matched_accuracy_docstring_example():
     from benchmarks.compare import matched_accuracy
 
