@@ -398,6 +398,14 @@ def read_only(cache):
 # checkpointed; one that writes a cache (the prompt pass, a few tokens a group) runs as usual.
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model, in order: its GradientCheckpointingLayer modules (the class every
+    decoder layer of transformers' models derives from), LoRA-wrapped models included."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @contextlib.contextmanager
 def checkpointed_layers(model, enabled: bool = True):
     """Within it, every decoder layer of `model` (transformers' GradientCheckpointingLayer) that runs with gradients
@@ -407,7 +415,6 @@ def checkpointed_layers(model, enabled: bool = True):
     backward after that still recomputes what was checkpointed inside it."""
     from torch.utils.checkpoint import checkpoint
     from transformers.cache_utils import Cache
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     def checkpointed(forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -418,7 +425,7 @@ def checkpointed_layers(model, enabled: bool = True):
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return run
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    layers = decoder_layers(model) if enabled else []
     own = [layer.__dict__.get("forward") for layer in layers]  # an instance's own forward (a hook's), if any
     for layer in layers:
         layer.forward = checkpointed(layer.forward)

@@ -58,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo_mini as g  # noqa: E402
 from benchmarks.cli import at_least, run_main  # noqa: E402
+from engine import decoder_layers  # noqa: E402
 
 PHASES = ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s")
 IMPLEMENTATIONS = ("grpo_mini", "trl_best", "trl_default")
@@ -136,9 +137,8 @@ def compile_layers(model) -> int:
     training forward: the prompt pass and the completion pass). dynamo's recompile limit (8 by default) would leave
     the rest eager without a word, so it is raised to fit every layer."""
     import torch._dynamo
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
     for layer in layers:
         layer.compile(dynamic=True)
