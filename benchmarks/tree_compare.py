@@ -26,7 +26,9 @@ no tree is mixed, A_intra is 0 and the tree's own credit cannot matter.
 
 What was seen before the fixed budget (docs/RESULTS.md, 3 seeds): each run either finds the third search and solves
 nearly every held-out question within 8-16 steps, or stays at the hinted questions (0.06-0.28); the chains won seed
-0, the trees seed 1, neither seed 2, and the A_inter-only trees ended where Tree-GRPO did in every seed.
+0, the trees seed 1, neither seed 2, and the A_inter-only trees ended where Tree-GRPO did in every seed. With the fixed
+budget, 6 seeds and 256 held-out questions (benchmarks/results/paired_trees_256): no pair significantly different; the
+trees and the chains each found the third search in three seeds, never the same three.
 
 `probe` measures the untrained model on each candidate setting before any training: the success of sampled episodes
 (4 chains per question, at the training temperature), the share of mixed groups (some right, some wrong: the only
@@ -54,8 +56,10 @@ from benchmarks.compare import mean_std, parse_overrides, plan_run, run_method  
 
 # The harder setting, fixed from `probe` before any training run (docs/RESULTS.md has the probe's table). One slack turn
 # as in the default (4 turns for 2 hops); max_completion_length = max_turns x max_turn_tokens, dr_grpo's normaliser.
+# 256 held-out questions (issue 35's protocol); the first comparison, benchmarks/results/paired_trees, had 32 (reproduce
+# it with --set num_eval_problems=32).
 HARD = {"hops": 3, "people_per_world": 6, "hinted_share": 0.25, "max_turns": 5, "max_completion_length": 120,
-        "max_steps": 24, "prompts_per_step": 4, "num_eval_problems": 32, "eval_every": 8}
+        "max_steps": 24, "prompts_per_step": 4, "num_eval_problems": 256, "eval_every": 8}
 CHAINS_START = 3  # the chains' first wave per prompt under the budget; a tree costs more than 3 chains (probe)
 # The chains' token budget per step, fixed before any run (issue 35): what a step of Tree-GRPO's rollouts costs on HARD
 # with the untrained model, from the probe (4 prompts x a tree of 4.74 chains x 19.1 tokens a chain = 362). Until
