@@ -153,7 +153,9 @@ def config_classes() -> dict:
 
 def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
     """(run_dir's config.json, or None where there is none, and the config these flags give), both as JSON values.
-    A flag added since the run was made is read at its default, which is what the run had (as --resume reads it)."""
+    A flag added since the run was made is read at its default, which is what the run had (as --resume reads it).
+    output_dir is left out of both: where a run's folder lies changes none of its numbers, so a results folder
+    copied or moved elsewhere is reused, not trained again."""
     import grpo_mini
     import harness
 
@@ -165,7 +167,10 @@ def stored_and_wanted(method: str, flags: list, run_dir: Path) -> tuple:
         stored = None
     if isinstance(stored, dict):
         stored = json.loads(json.dumps(harness.with_defaults(stored, config_class)))
-    return stored, json.loads(json.dumps(dataclasses.asdict(cfg)))
+        stored.pop("output_dir", None)
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    wanted.pop("output_dir", None)
+    return stored, wanted
 
 
 def finished_run(method: str, flags: list, run_dir: Path) -> bool:

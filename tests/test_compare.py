@@ -115,6 +115,10 @@ def test_reuse_trains_again_a_run_whose_local_model_or_data_changed(tiny_model_d
     assert len(cost["model_sha256"]) == 64 and len(cost["data_sha256"]) == 64
     same = run_script(*args, timeout=600)
     assert same.returncode == 0 and same.stdout.count("reusing the finished run") == 1, same.stderr[-2000:]
+    moved = tmp_path / "moved"  # a results folder copied elsewhere: the same run, reused where it now lies
+    shutil.copytree(out, moved)
+    there = run_script(*[moved if arg == out else arg for arg in args], timeout=600)
+    assert there.returncode == 0 and there.stdout.count("reusing the finished run") == 1, there.stderr[-2000:]
     weights = next(model.glob("*.safetensors"))
     tensors = load_file(weights)
     name = next(iter(tensors))
