@@ -95,7 +95,8 @@ def test_unknown_set_keys_and_earlier_results_are_one_line_before_any_run(tmp_pa
 def test_reuse_trains_again_a_run_whose_local_model_or_data_changed(tiny_model_dir, tmp_path):
     """--reuse keeps a finished run only when its --model directory still holds the same weights and its --data file
     the same problems (cost.json's model_sha256 and data_sha256): benchmarks/cold_start.py run again over
-    runs/cold_start makes the earlier runs stale, though their flags are the same."""
+    runs/cold_start makes the earlier runs stale, though their flags are the same. Where the folder lies is not part
+    of a run: a copy elsewhere is reused."""
     import shutil
 
     from safetensors.torch import load_file, save_file
