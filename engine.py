@@ -20,6 +20,7 @@ import copy
 import functools
 import importlib.util
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -380,9 +381,14 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
 def read_only(cache):
     """The prompt's KV cache, made to return each layer's stored keys/values with the new ones appended while storing
     nothing: the completion pass only reads the prompt, so a layer that checkpointed_layers runs again in the
-    backward reads the same prompt again (a writing cache would hold the completion twice by then)."""
+    backward reads the same prompt again (a writing cache would hold the completion twice by then).
+    The new update reaches the cache through a weak reference: a strong one would make a reference cycle (cache ->
+    update -> cache), which only Python's occasional cycle collection frees, so each step's prompt keys/values
+    (35-70 MB) would stay in the heap among the freed activations, and the heap would grow (docs/PERFORMANCE.md)."""
+    cache_ref = weakref.ref(cache)
+
     def update(key_states, value_states, layer_idx, *args, **kwargs):  # what DynamicLayer.update returns
-        layer = cache.layers[layer_idx]
+        layer = cache_ref().layers[layer_idx]
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
     cache.update, cache.read_only = update, True

@@ -292,6 +292,30 @@ def test_shared_prompt_forward_equals_full_sequence_forward(tiny_model, tiny_tok
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_shared_prompt_forward_leaves_no_reference_cycle(tiny_model, tiny_tokenizer):
+    """The prompt's KV cache is freed when the step is done with it, not at Python's next cycle collection: a cache
+    whose update closed over the cache itself (a cycle) kept each step's prompt keys/values in the heap among the
+    freed activations, and the Quickstart's heap grew (docs/PERFORMANCE.md). With the collector off, a forward and
+    backward through engine.shared_prompt_logps must leave nothing for it to collect."""
+    import gc
+
+    torch.manual_seed(0)
+    cfg = g.Config(**{**TINY, "num_generations": 3, "max_completion_length": 7})
+    ro = g.rollout(tiny_model, tiny_tokenizer, g.make_arithmetic_split(0, 2, 1)[0], cfg, torch.device("cpu"))
+    prompt_ids, prompt_mask, completion_ids, mask, prompt_index, _ = g.micro_batch_tensors(ro, list(range(6)))
+    gc.collect()
+    gc.disable()
+    try:
+        logps = engine.shared_prompt_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7,
+                                           prompt_index)
+        (logps * mask).sum().backward()
+        del logps
+        assert gc.collect() == 0  # unreachable objects found: the cycle's cache, layers, tensors and closure
+    finally:
+        gc.enable()
+        tiny_model.zero_grad(set_to_none=True)
+
+
 def test_full_determinism_makes_the_shared_prompt_backward_repeat_bit_for_bit(tiny_model):
     """13 rows of 3 prompts of 300 tokens, in fp32: without torch's deterministic kernels, shared_prompt_logps'
     backward gave 6 different gradients in 10 repeats on the 2-core AMD machine (its gather's backward adds a
