@@ -384,7 +384,7 @@ def read_only(cache):
     backward reads the same prompt again (a writing cache would hold the completion twice by then).
     The new update reaches the cache through a weak reference: a strong one would make a reference cycle (cache ->
     update -> cache), which only Python's occasional cycle collection frees, so each step's prompt keys/values
-    (35-70 MB) would stay in the heap among the freed activations, and the heap would grow (docs/PERFORMANCE.md)."""
+    (34-70 MiB) would stay in the heap among the freed activations, and the heap would grow (docs/PERFORMANCE.md)."""
     cache_ref = weakref.ref(cache)
 
     def update(key_states, value_states, layer_idx, *args, **kwargs):  # what DynamicLayer.update returns
