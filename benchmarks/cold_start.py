@@ -165,9 +165,6 @@ def main(argv=None) -> int:
         print(f"error: --output_dir {out} already holds a cold start (model/): pass --overwrite to replace it, or "
               f"choose another --output_dir", file=sys.stderr)
         return 2
-    if args.steps < 1 or args.batch_size < 1:
-        print("error: --steps and --batch_size must be >= 1", file=sys.stderr)
-        return 2
     try:  # a bad --model or too many problems asked for: one line, not a traceback
         sft_problems, rl_problems, eval_problems = split_problems(args.seed, args.num_sft_problems,
                                                                   args.num_rl_problems, args.num_eval_problems)
