@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -174,6 +175,25 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+KERNEL_CACHE_CAPACITY = 256  # compiled matmul kernels kept (oneDNN's and ideep's default: 1024 each)
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict:
+    """Keep at most `capacity` compiled matmul kernels in each of PyTorch's two CPU kernel caches (oneDNN's primitive
+    cache and ideep's); return the settings in force. Takes effect only before the process's first bf16 matmul,
+    and a value the user set in the environment wins.
+
+    Each matmul shape gets its own compiled kernel, a few MB of small allocations kept in a cache of 1024 shapes. A
+    rollout's lengths differ from step to step, so every step brings about a hundred new shapes: the Quickstart's
+    memory in use between steps grew by 0.53 GiB over 47 steps (1.92 -> 2.45 GiB), and because each kernel is
+    allocated among the step's freed activations, the cached kernels also split glibc's free space into tens of
+    thousands of pieces that the next step's tensors do not fit (docs/PERFORMANCE.md). A shape seen one step is
+    rarely seen again, so a smaller cache costs few recompilations."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
+    return {name: os.environ[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
 
 
 def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> None:
@@ -356,8 +376,9 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
         pass 1: prompt   [U, P]    -> KV cache, and the logits of the last prompt position (predicting token 0)
         pass 2: tokens 0..T-2 [n, T-1] with the gathered cache -> logits predicting tokens 1..T-1
     The gather is differentiable, so gradients from all G rows add up in the shared prompt pass: the result and its
-    gradient equal one forward over the n full sequences (tested). Only completion positions are projected to the
-    vocabulary, and chunked_token_logps takes the log-probs without vocabulary-sized fp32 temporaries."""
+    gradient equal one forward over the n full sequences (tested). Only the completion positions whose next token is
+    read (completion_mask_) are projected to the vocabulary, and chunked_token_logps takes their log-probs without
+    vocabulary-sized fp32 temporaries; the log-probs after a row's end are 0."""
     n, T = completion_ids.shape
     index = torch.arange(n, device=completion_ids.device) if prompt_index is None else prompt_index
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -369,13 +390,40 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
         cache.batch_select_indices(index)  # [U, ...] -> [n, ...]
         attention = torch.cat([prompt_mask[index], completion_mask_.to(prompt_mask.dtype)], dim=1)  # [n, P+T]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, prompt_ids.size(1):-1]  # [n, T-1]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                     **{cache_keyword(): cache}, use_cache=True).logits  # [n, T-1, V]
-        # The log-probs, not the [n, T, V] logits, are concatenated: no second copy of the vocabulary-sized tensor.
-        logps.append(chunked_token_logps(rest, completion_ids[:, 1:], temperature, with_entropy))
+        read = completion_mask_[:, 1:] > 0  # [n, T-1]: position t predicts token t+1; only read tokens need it
+        with projected_positions(model, read):
+            rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
+                         **{cache_keyword(): cache}, use_cache=True).logits  # [M, V]: the M positions in `read`
+        # The log-probs, not the logits, are concatenated: no second copy of the vocabulary-sized tensor.
+        rest_logps = chunked_token_logps(rest, completion_ids[:, 1:][read], temperature, with_entropy,
+                                         overwrite_logits=True)  # [M]; the backward's [M, V] in the logits' place
+        logps.append(tuple(map(functools.partial(spread, read), rest_logps)) if with_entropy
+                     else spread(read, rest_logps))  # [n, T-1], 0 where nothing is read
     if with_entropy:
         return tuple(torch.cat(parts, dim=1) for parts in zip(*logps))
     return torch.cat(logps, dim=1)  # [n, T]: entry t is log p(completion token t | prompt, tokens < t)
+
+
+@contextlib.contextmanager
+def projected_positions(model, keep: torch.Tensor):
+    """Within it, the model's output projection (lm_head) maps only the hidden states at the positions where keep
+    [n, T] is True: `model(...).logits` is [M, V], the M kept positions in row-major order (hidden[keep]).
+    A row ends at its EOS, and the rows of a micro-batch are padded to the longest (the Quickstart's: about a third
+    of the positions), so the vocabulary-sized logits and their gradient are a third smaller, and the projection a
+    third shorter. The kept rows' logits are the full projection's, bit for bit (tested)."""
+    def pick(module, args):  # args[0]: the hidden states [n, T, d]
+        return (args[0][keep], *args[1:])  # [M, d]
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def spread(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values [M] put back at the M True positions of keep [n, T], 0 elsewhere: [n, T] (differentiable in values)."""
+    return values.new_zeros(keep.shape).masked_scatter(keep, values)
 
 
 def read_only(cache):
@@ -459,7 +507,8 @@ class TokenLogProbs(torch.autograd.Function):
     Both passes walk the rows in chunks of CHUNK_ROWS through one fp32 buffer, with in-place operations only. The
     gradient is returned in the logits' dtype (bf16 under autocast, as autograd would return it).
     with_entropy: the forward also returns H = -sum_j p_j log p_j = log Z - sum_j p_j z_j / tau (no gradient), from
-    the same chunks and a second buffer.
+    the same chunks and a second buffer. overwrite_logits: the backward writes the gradient over the saved logits
+    instead of a new [N, V] tensor (the logits are not needed after it; a second backward through them raises).
         z = [[0, ln 3]], y = [1], tau = 1  ->  log p = ln(3/4) = -0.2877;  gradient for an upstream 1: [-0.25, 0.25];
         H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
     """
@@ -467,7 +516,8 @@ class TokenLogProbs(torch.autograd.Function):
     CHUNK_ROWS = 16  # 16 x 49k fp32 = 3 MB: small enough to stay in the allocator's pool, large enough to vectorise
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool = False,
+                overwrite_logits: bool = False):
         flat, ids = logits.reshape(-1, logits.size(-1)), token_ids.reshape(-1)  # [N, V], [N]
         buffer = TokenLogProbs._buffer(flat)
         shifted = TokenLogProbs._buffer(flat) if with_entropy else None  # z / tau - max, kept past the exp
@@ -487,7 +537,7 @@ class TokenLogProbs(torch.autograd.Function):
                 entropy[rows] = total.log() - shifted[:block.size(0)].mul_(scaled).sum(dim=-1) / total
         picked = flat.gather(1, ids.unsqueeze(1)).squeeze(1).to(buffer.dtype) / temperature  # z_y / tau
         ctx.save_for_backward(flat, ids, log_z)
-        ctx.temperature, ctx.logits_shape = temperature, logits.shape
+        ctx.temperature, ctx.logits_shape, ctx.overwrite_logits = temperature, logits.shape, overwrite_logits
         logp = (picked - log_z).view(token_ids.shape)
         if not with_entropy:
             return logp
@@ -500,7 +550,7 @@ class TokenLogProbs(torch.autograd.Function):
         flat, ids, log_z = ctx.saved_tensors
         scale = grad_logp.reshape(-1, 1).to(log_z.dtype) / ctx.temperature  # [N, 1]: upstream gradient / tau
         buffer = TokenLogProbs._buffer(flat)
-        grad = torch.empty_like(flat)  # [N, V]
+        grad = flat if ctx.overwrite_logits else torch.empty_like(flat)  # [N, V]: each chunk is read before written
         for start in range(0, flat.size(0), TokenLogProbs.CHUNK_ROWS):
             rows = slice(start, start + TokenLogProbs.CHUNK_ROWS)
             block = flat[rows]
@@ -508,7 +558,7 @@ class TokenLogProbs(torch.autograd.Function):
             chunk.sub_(log_z[rows].unsqueeze(1)).exp_().mul_(-scale[rows])  # -p_j * g / tau
             chunk.scatter_add_(1, ids[rows].unsqueeze(1), scale[rows])  # + 1[j = y] * g / tau
             grad[rows] = chunk
-        return grad.view(ctx.logits_shape), None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None
 
     @staticmethod
     def _buffer(flat: torch.Tensor) -> torch.Tensor:
@@ -517,10 +567,11 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 def chunked_token_logps(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, overwrite_logits: bool = False):
     """selective_log_softmax(logits / temperature, token_ids), computed by TokenLogProbs. [...] fp32. with_entropy:
-    (log-probs, entropies of softmax(logits / temperature)), the entropies without a gradient."""
-    return TokenLogProbs.apply(logits, token_ids, temperature, with_entropy)
+    (log-probs, entropies of softmax(logits / temperature)), the entropies without a gradient. overwrite_logits:
+    the backward reuses the logits' memory for their gradient (for logits that nothing else reads)."""
+    return TokenLogProbs.apply(logits, token_ids, temperature, with_entropy, overwrite_logits)
 
 
 # ======================================================================================================================

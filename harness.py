@@ -537,6 +537,7 @@ class Run:
         self.device = scaling.rank_device(pick_device(cfg.device))
         if self.device.type == "cpu" and cfg.keep_freed_memory:
             engine.keep_freed_memory()  # fewer page faults: see its docstring
+        engine.bound_kernel_caches()  # a rollout's new shapes no longer fill memory with kernels: see its docstring
         self.dtype = engine.pick_dtype(cfg.dtype, self.device)
         self.exits, self.log, self.boundary = SafeExit(), scaling.SilentLog(), None
         self.first_step, self.step, self.updates, self.skipped, self.interrupted = 1, 0, 0, 0, False

@@ -3,6 +3,7 @@
     python benchmarks/memory.py                          # the Quickstart's settings, 3 steps
     python benchmarks/memory.py --steps 8 -- --max_tokens_per_micro_batch 1024 --no-keep_freed_memory
     python benchmarks/memory.py --steps 8 --trim                # glibc's malloc_trim(0) after every step
+    python benchmarks/memory.py --steps 50 --heap               # glibc's heap after every step: in use, free, pieces
     python benchmarks/memory.py --steps 1 --json out.json -- --model DIR   # the numbers as JSON too (benchmarks/fit.py)
 
 It runs grpo_mini.train() in this process with every flag after `--` passed on, samples the process's resident memory
@@ -12,6 +13,9 @@ was first entered and the highest RSS seen in it, and at the end the run's peak 
 reports as "Maximum resident set size"), and grpo_step's phase seconds summed over the steps after the first. The
 sizes it can compute exactly are printed beside: the fp32 weights, their gradients, AdamW's two moments, and the bf16
 sampling copy. --trim returns the freed memory to the OS after every step (an experiment: docs/PERFORMANCE.md).
+--heap prints glibc's own account after every step (mallinfo2): the bytes in use, the free bytes it keeps, and in
+how many pieces. Bytes in use that grow from step to step are something kept; free bytes in ever more pieces are
+fragmentation (how the kernel caches were found: docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +40,22 @@ import grpo_mini as gm  # noqa: E402
 from benchmarks.cli import at_least, run_main, short_run_argv  # noqa: E402
 
 GIB = 2**30
+
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (<malloc.h>, glibc >= 2.33)
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def glibc_heap() -> Optional[dict]:
+    """glibc's heap now: bytes in use, free bytes kept, free pieces; None where malloc is not glibc's."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {"in_use": info.uordblks, "free": info.fordblks, "free_pieces": info.ordblks}
 
 
 def rss() -> int:
@@ -88,10 +109,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=at_least(1), default=3, help="training steps")
     parser.add_argument("--trim", action="store_true", help="call glibc's malloc_trim(0) after every step")
+    parser.add_argument("--heap", action="store_true",
+                        help="print glibc's heap (in use, free, pieces) after every step")
     parser.add_argument("--json", type=Path, help="also write every number printed here to this JSON file")
     parser.add_argument("flags", nargs="*", help="grpo_mini.py flags, after --")
     args = parser.parse_args()
-    phases, rollouts, real_step = [], [], gm.grpo_step
+    phases, rollouts, heaps, real_step = [], [], [], gm.grpo_step
 
     def step(*step_args, **kwargs):  # grpo_step, its phase seconds and rollout shape kept (heap trimmed with --trim)
         out = real_step(*step_args, **kwargs)
@@ -101,6 +124,11 @@ def main() -> int:
                          "completion_tokens": ro.completion_ids.size(1)})  # padded widths
         if args.trim:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+        heap = glibc_heap() if args.heap else None
+        if heap:
+            heaps.append({"step": len(phases), "rss": rss(), **heap})
+            print(f"heap after step {len(phases)}: RSS {rss() / GIB:.2f} GiB; glibc: in use {heap['in_use'] / GIB:.2f}"
+                  f", free {heap['free'] / GIB:.2f} GiB in {heap['free_pieces']} pieces", flush=True)
         return out
     gm.grpo_step = step
     with tempfile.TemporaryDirectory() as out:
@@ -141,7 +169,7 @@ def main() -> int:
             "phases": {phase: {"entered": memory.entered.get(phase), "peak": memory.peak[phase]}
                        for phase in sorted(memory.peak)},
             "calls": [{"phase": phase, "entered": entry, "peak": high} for phase, entry, high in memory.calls],
-            "rollouts": rollouts, "phase_seconds": phases}, indent=1))
+            "rollouts": rollouts, "phase_seconds": phases, "heap": heaps}, indent=1))
     return 0
 
 

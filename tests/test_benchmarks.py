@@ -1,5 +1,7 @@
 """The benchmark script runs end to end (grpo_mini side, tiny random model) and prints its table."""
 
+import sys
+
 import pytest
 import torch
 
@@ -68,7 +70,8 @@ def test_memory_report_names_each_phase_and_the_rollout(tiny_model_dir, tmp_path
     import json
 
     out = tmp_path / "memory.json"
-    result = run_script("benchmarks/memory.py", "--steps", "2", "--json", out, "--", "--model", tiny_model_dir,
+    result = run_script("benchmarks/memory.py", "--steps", "2", "--heap", "--json", out, "--", "--model",
+                        tiny_model_dir,
                         "--prompts_per_step", "2", "--max_completion_length", "8", "--num_eval_problems", "2",
                         "--num_train_problems", "20", "--device", "cpu", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,6 +84,9 @@ def test_memory_report_names_each_phase_and_the_rollout(tiny_model_dir, tmp_path
     assert all(r["completion_tokens"] <= 8 for r in report["rollouts"])
     assert report["trainable_parameters"] == report["parameters"] > 0
     assert "peak RSS of the run" in result.stdout
+    if sys.platform.startswith("linux"):  # glibc's account of its heap after each step
+        assert [h["step"] for h in report["heap"]] == [1, 2] and "heap after step 2: RSS" in result.stdout
+        assert all(h["in_use"] > 0 and h["free_pieces"] > 0 for h in report["heap"])
 
 
 def test_fit_prediction_is_the_docstrings_worked_example():

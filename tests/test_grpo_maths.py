@@ -95,6 +95,27 @@ def test_chunked_token_logps_matches_autograd_across_chunks():
     assert grad_bf16.dtype == torch.bfloat16
     assert torch.allclose(grad_bf16.double(), grad_reference, atol=2e-2, rtol=1e-2)
 
+def test_chunked_token_logps_can_write_its_gradient_over_the_logits():
+    """overwrite_logits: the same gradient, bit for bit, in the logits' memory; a second backward through the
+    overwritten logits raises instead of using them."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2 * g.TokenLogProbs.CHUNK_ROWS + 3,))
+    weight = torch.randn(50, 8, requires_grad=True)
+    hidden = torch.randn(ids.numel(), 8, requires_grad=True)
+    upstream = torch.randn(ids.numel())
+    grads = []
+    for overwrite in (False, True):
+        logits = (hidden @ weight.T).bfloat16()  # [N, V], read by nothing else
+        logps = g.chunked_token_logps(logits, ids, 0.7, overwrite_logits=overwrite)
+        (logps * upstream).sum().backward(retain_graph=True)
+        grads.append((weight.grad.clone(), hidden.grad.clone()))
+        weight.grad = hidden.grad = None
+        if overwrite:
+            with pytest.raises(RuntimeError, match="inplace"):
+                (logps * upstream).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_mean_token_logps():
     logps = torch.tensor([[-1.0, -3.0, -100.0]])
     assert g.mean_token_logps(logps, torch.tensor([[1.0, 1.0, 0.0]])).item() == -2.0

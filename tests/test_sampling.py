@@ -5,6 +5,7 @@ The fast sampler must be a faster `model.generate`, nothing else: same greedy to
 and log-probs equal to a recomputed forward. The plain sampler is held to the same standard."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,55 @@ def test_keep_freed_memory_takes_effect_and_allocations_still_work():
     assert g.keep_freed_memory() is True  # glibc accepted both settings
     big = torch.ones(64, 2**20)  # 256 MB, now from the heap instead of its own mapping
     assert big.sum().item() == 64 * 2**20
+
+
+KERNEL_CACHE_PROBE = """
+import ctypes, sys
+import torch
+import engine
+engine.bound_kernel_caches(int(sys.argv[1]))
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Info
+weight = torch.randn(1536, 576, requires_grad=True)
+def matmul_of_rows(rows):  # one bf16 linear forward and backward, as in training: three kernel shapes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.linear(torch.randn(rows, 576, requires_grad=True), weight).float().sum().backward()
+matmul_of_rows(1000)
+before = mallinfo2().uordblks
+for rows in range(1001, 1041):  # 40 new shapes, as a rollout's new lengths bring
+    matmul_of_rows(rows)
+print((mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="mallinfo2 is glibc's")
+def test_bounded_kernel_caches_stop_memory_growing_with_each_new_matmul_shape(tmp_path):
+    """Each new matmul shape leaves a compiled kernel in memory; engine.bound_kernel_caches keeps a few of them, so
+    the bytes in use stop growing (the default caches of 1024 kept growing through the Quickstart)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(KERNEL_CACHE_PROBE)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "LD_PRELOAD")}  # glibc's malloc
+    env["PYTHONPATH"] = str(Path(engine.__file__).parent)
+
+    def growth_mib(capacity):
+        out = subprocess.run([sys.executable, str(script), str(capacity)], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return float(out.stdout.split()[-1])
+
+    bounded, unbounded = growth_mib(8), growth_mib(1024)
+    assert unbounded > 20 and bounded < unbounded / 10, (bounded, unbounded)  # here: 3 MiB against 71 MiB
+
+
+def test_bound_kernel_caches_leaves_a_users_setting_alone(monkeypatch):
+    monkeypatch.setattr(engine.os, "environ", {"LRU_CACHE_CAPACITY": "64"})  # the user's, and no other
+    assert engine.bound_kernel_caches() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(engine.KERNEL_CACHE_CAPACITY),
+                                            "LRU_CACHE_CAPACITY": "64"}

@@ -316,6 +316,31 @@ def test_shared_prompt_forward_leaves_no_reference_cycle(tiny_model, tiny_tokeni
         tiny_model.zero_grad(set_to_none=True)
 
 
+def test_only_the_positions_whose_next_token_is_read_are_projected(tiny_model, tiny_tokenizer):
+    """engine.projected_positions: the output projection maps only the kept positions, [M, V], and their logits are the
+    full projection's rows bit for bit (bf16 autocast, as in training); shared_prompt_logps gives 0 after a row's
+    end and the textbook log-probs before it."""
+    torch.manual_seed(0)
+    cfg = g.Config(**{**TINY, "num_generations": 4, "max_completion_length": 12})
+    ro = g.rollout(tiny_model, tiny_tokenizer, g.make_arithmetic_split(0, 2, 1)[0], cfg, torch.device("cpu"))
+    ro.completion_mask[0, 3:] = 0  # a row that ends early, so that some positions are padding
+    prompt_ids, prompt_mask, completion_ids, mask, prompt_index, _ = g.micro_batch_tensors(ro, list(range(8)))
+    ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)
+    keep = torch.cat([prompt_mask[prompt_index], mask.long()], dim=1) > 0  # [n, P+T]
+    assert 0 < keep.sum() < keep.numel()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = tiny_model(input_ids=ids).logits  # [n, P+T, V]
+        with engine.projected_positions(tiny_model, keep):
+            kept = tiny_model(input_ids=ids).logits  # [M, V]
+        after = tiny_model(input_ids=ids).logits
+    assert kept.shape == (keep.sum(), full.size(-1)) and torch.equal(kept, full[keep])
+    assert torch.equal(after, full)  # the hook is gone on exit
+    logps = engine.shared_prompt_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+    textbook = g.completion_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+    assert torch.equal(logps[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert torch.allclose(logps * mask, textbook * mask, atol=1e-5)
+
+
 def test_full_determinism_makes_the_shared_prompt_backward_repeat_bit_for_bit(tiny_model):
     """13 rows of 3 prompts of 300 tokens, in fp32: without torch's deterministic kernels, shared_prompt_logps'
     backward gave 6 different gradients in 10 repeats on the 2-core AMD machine (its gather's backward adds a
