@@ -396,9 +396,8 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completi
         with projected_positions(model, read):
             rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
                          **{cache_keyword(): cache}, use_cache=True).logits  # [M, V]: the M positions in `read`
-        if rest.dim() != 2:  # the hook never ran: the model projects without its get_output_embeddings() module
-            raise NotImplementedError(f"{type(model).__name__} does not compute its logits through "
-                                      "get_output_embeddings(); use --engine plain")
+        if rest.dim() != 2:  # the hook could not reach the model's projection: every position was projected
+            rest = rest[read]  # [M, V], the same logits
         # The log-probs, not the logits, are concatenated: no second copy of the vocabulary-sized tensor.
         rest_logps = chunked_token_logps(rest, completion_ids[:, 1:][read], temperature, with_entropy,
                                          overwrite_logits=True)  # [M]; the backward's [M, V] in the logits' place
@@ -415,15 +414,18 @@ def projected_positions(model, keep: torch.Tensor):
     [n, T] is True: `model(...).logits` is [M, V], the M kept positions in row-major order (hidden[keep]).
     A row ends at its EOS, and the rows of a micro-batch are padded to the longest (the Quickstart's: about a third
     of the positions), so the vocabulary-sized logits and their gradient are a third smaller, and the projection a
-    third shorter. The kept rows' logits are the full projection's, bit for bit (tested)."""
+    third shorter. The kept rows' logits are the full projection's, bit for bit (tested). A model without
+    get_output_embeddings(), or one whose forward projects through another module, still returns [n, T, V]."""
     def pick(module, args):  # args[0]: the hidden states [n, T, d]
         return (args[0][keep], *args[1:])  # [M, d]
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    handle = head.register_forward_pre_hook(pick) if isinstance(head, torch.nn.Module) else None
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def spread(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -368,3 +368,6 @@ class AdaptersOff:
     def __call__(self, *args, **kwargs):
         with self.model.disable_adapter():
             return self.model(*args, **kwargs)
+
+    def get_output_embeddings(self):  # the wrapped model's, for engine.projected_positions
+        return self.model.get_output_embeddings()

@@ -340,11 +340,13 @@ def test_only_the_positions_whose_next_token_is_read_are_projected(tiny_model, t
     assert torch.equal(logps[mask == 0], torch.zeros(int((mask == 0).sum())))
     assert torch.allclose(logps * mask, textbook * mask, atol=1e-5)
     tiny_model.get_output_embeddings = torch.nn.Identity  # a model whose forward projects through another module
-    try:
-        with torch.no_grad(), pytest.raises(NotImplementedError, match="get_output_embeddings"):
-            engine.shared_prompt_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7, prompt_index)
+    try:  # every position is projected then, and the read ones kept: the same log-probs
+        with torch.no_grad():
+            unhooked = engine.shared_prompt_logps(tiny_model, prompt_ids, prompt_mask, completion_ids, mask, 0.7,
+                                                  prompt_index)
     finally:
         del tiny_model.get_output_embeddings  # the class's method again
+    assert torch.equal(unhooked, logps.detach())
 
 
 def test_full_determinism_makes_the_shared_prompt_backward_repeat_bit_for_bit(tiny_model):
