@@ -127,8 +127,9 @@ def main() -> int:
         heap = glibc_heap() if args.heap else None
         if heap:
             heaps.append({"step": len(phases), "rss": rss(), **heap})
-            print(f"heap after step {len(phases)}: RSS {rss() / GIB:.2f} GiB; glibc: in use {heap['in_use'] / GIB:.2f}"
-                  f", free {heap['free'] / GIB:.2f} GiB in {heap['free_pieces']} pieces", flush=True)
+            print(f"heap after step {len(phases)}: RSS {heaps[-1]['rss'] / GIB:.2f} GiB; glibc: in use "
+                  f"{heap['in_use'] / GIB:.2f}, free {heap['free'] / GIB:.2f} GiB in {heap['free_pieces']} pieces",
+                  flush=True)
         return out
     gm.grpo_step = step
     with tempfile.TemporaryDirectory() as out:

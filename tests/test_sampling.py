@@ -188,24 +188,20 @@ def test_keep_freed_memory_takes_effect_and_allocations_still_work():
 
 
 KERNEL_CACHE_PROBE = """
-import ctypes, sys
+import sys
 import torch
 import engine
+from benchmarks.memory import glibc_heap
 engine.bound_kernel_caches(int(sys.argv[1]))
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-mallinfo2.restype = Info
 weight = torch.randn(1536, 576, requires_grad=True)
 def matmul_of_rows(rows):  # one bf16 linear forward and backward, as in training: three kernel shapes
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.nn.functional.linear(torch.randn(rows, 576, requires_grad=True), weight).float().sum().backward()
 matmul_of_rows(1000)
-before = mallinfo2().uordblks
+before = glibc_heap()["in_use"]
 for rows in range(1001, 1041):  # 40 new shapes, as a rollout's new lengths bring
     matmul_of_rows(rows)
-print((mallinfo2().uordblks - before) / 2**20)
+print((glibc_heap()["in_use"] - before) / 2**20)
 """
 
 
