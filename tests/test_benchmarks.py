@@ -89,6 +89,38 @@ def test_memory_report_names_each_phase_and_the_rollout(tiny_model_dir, tmp_path
         assert all(h["in_use"] > 0 and h["free_pieces"] > 0 for h in report["heap"])
 
 
+def test_saved_by_node_counts_each_kept_storage_once_and_leaves_the_weights_out():
+    from benchmarks.saved_tensors import saved_by_node
+
+    x = torch.randn(4, 8, requires_grad=True)
+    y = x.exp()  # ExpBackward0 keeps its result: 4 x 8 fp32 = 128 bytes
+    assert saved_by_node(y.sum()) == {("ExpBackward0", "float32"): 128}
+    assert saved_by_node((y * y).sum()) == {("MulBackward0", "float32"): 128}  # y once, though three nodes keep it
+    w = torch.randn(8, 3, requires_grad=True)
+    assert saved_by_node((y @ w).sum()) == {("MmBackward0", "float32"): 128 + 96}  # y and w
+    assert saved_by_node((y @ w).sum(), leave_out=[w]) == {("MmBackward0", "float32"): 128}
+    assert saved_by_node((x + 1).sum()) == {}  # an addition keeps nothing
+
+
+def test_saved_tensors_report_adds_up_and_grows_with_the_micro_batch(tiny_model_dir, tmp_path):
+    import json
+
+    reports = []
+    for generations in (2, 4):
+        out = tmp_path / f"saved{generations}.json"
+        result = run_script("benchmarks/saved_tensors.py", "--model", tiny_model_dir, "--prompts", "2",
+                            "--generations", generations, "--prompt_tokens", "5", "--completion_tokens", "6",
+                            "--json", out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "kept for the backward:" in result.stdout and "| MmBackward0 |" in result.stdout
+        reports.append(json.loads(out.read_text()))
+    for report in reports:
+        assert report["total_bytes"] == sum(row["bytes"] for row in report["by_node"]) > 0
+        assert {row["node"] for row in report["by_node"]} >= {"MmBackward0", "SoftmaxBackward0"}  # eager attention
+    assert [r["forwarded_tokens"] for r in reports] == [2 * 5 + 2 * 2 * 5, 2 * 5 + 2 * 4 * 5]  # prompts once, T - 1
+    assert reports[1]["total_bytes"] > reports[0]["total_bytes"]  # twice the completions keep more
+
+
 def test_fit_prediction_is_the_docstrings_worked_example():
     from benchmarks import fit
 
