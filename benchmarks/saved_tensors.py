@@ -5,13 +5,14 @@
 
 It forwards one micro-batch the way training does (engine.shared_prompt_logps under bf16 autocast, eager attention
 on a CPU): `--prompts` distinct prompts of `--prompt_tokens` random tokens, each continued by `--generations`
-completions of `--completion_tokens` columns, whose rows end at random lengths as sampled rows do. Then it walks
-the autograd graph from the log-probs and adds up the tensors each node keeps for the backward (its `_saved_*`
-attributes), counting each storage once, for the first node that reaches it, and leaving out the weights. The table
-says where the activations go: the inputs each matmul keeps (MmBackward0), the fp32 RMSNorm tensors
-(MulBackward0 float32), the attention's keys, values and probabilities (BmmBackward0, SoftmaxBackward0), the MLP's
-(SiluBackward0, MulBackward0 bfloat16). docs/PERFORMANCE.md reads it. Only the plain forward is walked: reading what a
-checkpointed layer saved would run its forward again.
+completions of `--completion_tokens` columns, whose rows end at random lengths as sampled rows do. Then it walks the
+autograd graph from the log-probs and adds up the tensors each node keeps for the backward (its `_saved_*`
+attributes), counting each storage once, for the first node that reaches it, and leaving out the weights (but not
+autocast's bf16 copies of them, which the backward keeps too). The table says where the activations go: the inputs
+each matmul keeps and those weight copies (MmBackward0), the fp32 RMSNorm tensors (MulBackward0 float32), the
+attention's keys, values and probabilities (BmmBackward0, SoftmaxBackward0), the MLP's (SiluBackward0, MulBackward0
+bfloat16). docs/PERFORMANCE.md reads it. Only the plain forward is walked: reading what a checkpointed layer saved
+would run its forward again.
 """
 
 from __future__ import annotations
