@@ -97,6 +97,8 @@ def main() -> int:
         f"forwarded token per decoder layer ({layers} layers)")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "forwarded_tokens": tokens, "layers": layers,
+                                         "dtype": str(dtype).removeprefix("torch."),
+                                         "attention": model.config._attn_implementation,
                                          "total_bytes": total, "by_node": [
                                              {"node": node, "dtype": kind, "bytes": size}
                                              for (node, kind), size in table.items()]}, indent=1))

@@ -116,7 +116,9 @@ def test_saved_tensors_report_adds_up_and_grows_with_the_micro_batch(tiny_model_
         reports.append(json.loads(out.read_text()))
     for report in reports:
         assert report["total_bytes"] == sum(row["bytes"] for row in report["by_node"]) > 0
-        assert {row["node"] for row in report["by_node"]} >= {"MmBackward0", "SoftmaxBackward0"}  # eager attention
+        assert "MmBackward0" in {row["node"] for row in report["by_node"]}
+        if report["attention"] == "eager":  # what training uses on a CPU with fast bf16 (engine.pick_attention)
+            assert "SoftmaxBackward0" in {row["node"] for row in report["by_node"]}
     assert [r["forwarded_tokens"] for r in reports] == [2 * 5 + 2 * 2 * 5, 2 * 5 + 2 * 4 * 5]  # prompts once, T - 1
     assert reports[1]["total_bytes"] > reports[0]["total_bytes"]  # twice the completions keep more
 
