@@ -193,9 +193,8 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict:
     47). The kernels are allocated among the step's activations and outlive them, so glibc's free space split into
     35,000 pieces, and the heap grew to 8.2 GiB. With 256 shapes kept, the bytes in use stayed at 2.03 GiB and the
     peak RSS fell from 9.18 to 6.76 GiB, in the same step time (docs/PERFORMANCE.md)."""
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(capacity))
-    return {name: os.environ[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's cache, ideep's cache
+    return {name: os.environ.setdefault(name, str(capacity)) for name in names}  # the user's value, where set
 
 
 def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> None:

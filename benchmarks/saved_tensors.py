@@ -73,7 +73,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     args = parser.parse_args()
     model, _ = engine.load_model_and_tokenizer(args.model)
-    device, dtype = torch.device("cpu"), engine.pick_dtype("auto", torch.device("cpu"))
+    device = torch.device("cpu")
+    dtype = engine.pick_dtype("auto", device)
     engine.use_training_attention(model, "auto", device, dtype)
     generator = torch.Generator().manual_seed(0)
     U, G, P, T = args.prompts, args.generations, args.prompt_tokens, args.completion_tokens
