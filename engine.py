@@ -162,10 +162,8 @@ def keep_freed_memory() -> bool:
     is freed. A training step allocates and frees hundreds of tensors of 10-400 MB, so the kernel maps and zeroes the
     same memory again and again (page faults). mallopt(M_MMAP_MAX, 0) serves every allocation from the heap, and a
     2 GB M_TRIM_THRESHOLD keeps its free space for the next step; the process's memory then stays near its peak.
-    (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 does the same from outside.) A preloaded tcmalloc, as
-    PyTorch's CPU tuning guide suggests, replaces glibc's malloc, so this then does nothing; it did better than either
-    glibc setting, with the same numbers bit for bit (LD_PRELOAD=libtcmalloc_minimal.so.4; jemalloc was slower).
-    Measured: docs/PERFORMANCE.md."""
+    A preloaded tcmalloc (PyTorch's CPU tuning guide) replaces glibc's malloc, so this then does nothing; it did better
+    still, with the same numbers bit for bit (LD_PRELOAD=libtcmalloc_minimal.so.4). Measured: docs/PERFORMANCE.md."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -178,21 +176,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-KERNEL_CACHE_CAPACITY = 256  # compiled matmul kernels kept (oneDNN's and ideep's default: 1024 each)
+KERNEL_CACHE_CAPACITY = 32  # compiled matmul kernels kept (oneDNN's and ideep's default: 1024 each)
 
 
 def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict:
     """Keep at most `capacity` compiled matmul kernels in each of PyTorch's two CPU kernel caches (oneDNN's primitive
-    cache and ideep's); return the settings in force. Each cache reads its setting once, when it first compiles a
-    kernel (the process's first bf16 matmul), so this works only before that. A value the user set in the
-    environment wins.
+    cache and ideep's); return the settings in force. Each cache reads its setting when it compiles its first kernel,
+    so this works only before the process's first bf16 matmul. A value set in the environment wins.
 
-    Each matmul shape gets its own compiled kernels. In the default caches of 1024 shapes, 40 new shapes of one bf16
-    linear's forward and backward kept 71 MiB (its test). A rollout's lengths differ from step to step, so every step
-    brings new shapes. In the Quickstart the memory in use between steps grew by 0.53 GiB (1.92 -> 2.45 GiB by step
-    47). The kernels are allocated among the step's activations and outlive them, so glibc's free space split into
-    35,000 pieces, and the heap grew to 8.2 GiB. With 256 shapes kept, the bytes in use stayed at 2.03 GiB and the
-    peak RSS fell from 9.18 to 6.76 GiB, in the same step time (docs/PERFORMANCE.md)."""
+    Each matmul shape gets its own kernels, and a rollout's lengths bring new shapes every step. Kept 1024 at a time,
+    they piled up among the activations and split glibc's free space (the Quickstart's peak RSS: 9.18 GiB; 6.76 at
+    256; 6.09 at 32). A phase's shapes fit in 32: 2 steps compiled 113 kernels, 94 at 256. docs/PERFORMANCE.md"""
     names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's cache, ideep's cache
     return {name: os.environ.setdefault(name, str(capacity)) for name in names}  # the user's value, where set
 
@@ -200,9 +194,8 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict:
 def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> None:
     """One line, before the first rollout, when a step's sampling cannot fit in memory: `rows` sequences (B x G) of up
     to `tokens` (prompt + completion) need a KV cache of rows x tokens x layers x 2 x kv_heads x head_dim bf16 values,
-    and each decode step three [rows, vocabulary] fp32 tensors (logits, probabilities, their cumulative sum). Only
-    the gross case is refused (half again more than all the memory available now: the step needs more than the
-    sampling alone); a smaller excess fails, or swaps, later."""
+    and each decode step three [rows, vocabulary] fp32 tensors (logits, probabilities, their cumulative sum). Only the
+    gross case (half again more than the memory available now) is refused; a smaller excess fails, or swaps, later."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers, width = getattr(config, "num_hidden_layers", 1), getattr(config, "hidden_size", 1)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
@@ -254,12 +247,22 @@ def make_sampling_model(model, dtype: torch.dtype, attn_implementation: Optional
     return sampler
 
 
+def release_sampling_model(sampler, model) -> None:
+    """Hand the sampling copy's weights back to the allocator while the policy trains (a no-op when there is no copy):
+    the backward's activations reuse the space (0.25 GiB for SmolLM2). refresh_sampling_model makes them again."""
+    for param in sampler.parameters() if sampler not in (None, model) else ():  # fp32: the policy samples
+        param.data = param.data.new_empty(0)
+
+
 @torch.no_grad()
 def refresh_sampling_model(sampler, model) -> None:
-    """Copy the policy's current weights into the sampling copy (a no-op when they are the same model)."""
-    if sampler is not model:
-        for target, source in zip(sampler.parameters(), model.parameters()):
+    """Copy the policy's current weights into the sampling copy, or make them again where they were released, with
+    the same values (one rounding to bf16). A no-op when there is no copy."""
+    for target, source in zip(sampler.parameters(), model.parameters()) if sampler not in (None, model) else ():
+        if target.numel() == source.numel():
             target.copy_(source)
+        else:  # released
+            target.data = source.detach().to(target.dtype)
 
 
 def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -731,8 +731,8 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
               reward_fn: RewardFn, make_advantages: AdvantageFn, sampler=None,
               draw_prompts: Optional[Callable[[int], list]] = None, rollout_fn: Optional[Callable] = None) -> tuple:
     """One GRPO step: rollout -> rewards -> advantages -> [ref / old log-probs] -> num_iterations x update.
-    sampler: the model rollouts sample from (engine.make_sampling_model; None means `model`). It is refreshed from
-    `model` after every optimiser step, so the next rollout samples from the updated policy.
+    sampler: the model rollouts sample from (engine.make_sampling_model; None means `model`). Its weights are released
+    while the policy trains and refreshed from `model` after, so the next rollout samples the updated policy.
     draw_prompts(n) -> n fresh problems: needed by --dynamic_sampling to refill dropped groups.
     rollout_fn(model, tokenizer, batch, cfg, device, sampler) -> (scored Rollout, metrics) replaces sampling and
     scoring (tree_grpo.py's multi-turn episodes); None means rollout + reward_fn.
@@ -746,13 +746,12 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
         clock[0] = time.perf_counter()
 
     model.eval()
-    sampling_info = {}
     if rollout_fn is not None:
         ro, sampling_info = rollout_fn(model, tokenizer, batch, cfg, device, sampler)
     elif cfg.dynamic_sampling:  # draw_prompts refills the dropped groups
         ro, sampling_info = dynamic_rollout(model, tokenizer, batch, cfg, device, sampler, reward_fn, draw_prompts)
     else:
-        ro = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device)
+        ro, sampling_info = score(rollout(model, tokenizer, batch, cfg, device, sampler=sampler), reward_fn, device), {}
     lap("generate_s")  # with dynamic sampling this includes scoring, which is cheap next to sampling
     advantages, extra = make_advantages(ro)
     extra = {**extra, **sampling_info}
@@ -761,27 +760,28 @@ def grpo_step(model, ref_model, tokenizer, optimizer, scheduler, batch: list, cf
         rows = [r for r in rows if not ro.truncated[r]]
         trained = dataclasses.replace(ro, completion_mask=ro.completion_mask * ~ro.truncated.unsqueeze(1))
     lap("reward_s")
-    # The reference model exists only when beta > 0. Old log-probs are only needed when the policy moves between
-    # passes over this batch: with num_iterations == 1 the policy that sampled IS the policy being updated, so
-    # old_logp == logp.detach() and the ratio is exactly 1; computing it would be a wasted forward pass.
+    # The reference model exists only when beta > 0. Old log-probs matter only when the policy moves between passes
+    # over this batch: with num_iterations == 1 the sampling policy IS the one updated, so the ratio is exactly 1.
     no_grad_logps = lambda m: engine.compute_logps_for_rows(m, trained, rows, cfg, device, logps_fn(cfg))  # noqa: E731
     ref_logps = None if ref_model is None else no_grad_logps(ref_model)  # [len(rows), T]
     old_logps = None if cfg.num_iterations == 1 else no_grad_logps(model)  # [len(rows), T]
     lap("ref_old_logps_s")
     model.train()
     counts, has_gradient = scaling.step_totals(trained, rows, device)  # torchrun: the whole step's normalisers
-    for _ in range(cfg.num_iterations):
-        stats = accumulate_gradients(model, trained, advantages, rows, old_logps, ref_logps, cfg, device, counts)
-        stats = scaling.sum_gradients_over_ranks(model, stats, device)  # torchrun; a no-op in one process
-        lap("loss_backward_s")
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, has_gradient) if stats is not None else None
-        lap("optimizer_s")
-        if grad_norm is None:
-            stats = None
-            break
-        stats["grad_norm"] = grad_norm
-        if sampler is not None:
-            engine.refresh_sampling_model(sampler, model)
+    engine.release_sampling_model(sampler, model)  # the backward reuses the bf16 copy's memory
+    try:
+        for _ in range(cfg.num_iterations):
+            stats = accumulate_gradients(model, trained, advantages, rows, old_logps, ref_logps, cfg, device, counts)
+            stats = scaling.sum_gradients_over_ranks(model, stats, device)  # torchrun; a no-op in one process
+            lap("loss_backward_s")
+            grad_norm = optimizer_step(model, optimizer, scheduler, cfg, has_gradient) if stats is not None else None
+            lap("optimizer_s")
+            if grad_norm is None:
+                stats = None
+                break
+            stats["grad_norm"] = grad_norm
+    finally:  # however the step ends, the next rollout samples from the policy's current weights
+        engine.refresh_sampling_model(sampler, model)
     return ro, stats, extra, seconds
 
 

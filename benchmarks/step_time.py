@@ -8,12 +8,12 @@
 Both sides get the same model weights, prompts, num_generations (8), prompts per step (4), completion length
 (64 tokens, forced with min_new_tokens = max_new_tokens so that both generate exactly as many tokens),
 temperature, top_k/top_p, loss_type (dapo) and beta. On the CPU the process first calls
-engine.keep_freed_memory, as train() does; the setting is process-wide, so TRL's blocks get it too
-(--no-keep-freed-memory turns it off). The reward is dense (the completion's length in characters), so groups
-almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not help here, and the
-numbers measure raw step efficiency. The implementations run in alternating blocks in this one process:
-round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up
-and is not counted.
+engine.keep_freed_memory and engine.bound_kernel_caches, as train() does; both settings are process-wide, so TRL's
+blocks get them too (--no-keep-freed-memory turns the first off). The reward is dense (the completion's length in
+characters), so groups almost never have zero spread. grpo_mini's skip of zero-advantage rows therefore does not help
+here, and the numbers measure raw step efficiency. The implementations run in alternating blocks in this one process:
+round r runs grpo_mini for `--steps` steps, then TRL for `--steps`. The first step of every block is a warm-up and is
+not counted.
 
 TRL runs twice: `trl_default` is GRPOConfig's own defaults (gradient checkpointing on, bf16 on), and `trl_best` is
 what a user after speed would set on this device: gradient checkpointing off (memory allows it at these sizes) and
@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo_mini as g  # noqa: E402
 from benchmarks.cli import at_least, run_main  # noqa: E402
-from engine import decoder_layers  # noqa: E402
+from engine import bound_kernel_caches, decoder_layers  # noqa: E402
 
 PHASES = ("generate_s", "ref_old_logps_s", "loss_backward_s", "optimizer_s")
 IMPLEMENTATIONS = ("grpo_mini", "trl_best", "trl_default")
@@ -362,12 +362,14 @@ def main() -> int:
     g.set_seed(0)
     problems = g.make_arithmetic_split(0, 400, 1)[0]
     kept = device.type == "cpu" and not args.no_keep_freed_memory and g.keep_freed_memory()  # as train() does
+    kernel_caches = bound_kernel_caches()  # as train() does, before the first matmul (measured_peak_flops')
     if args.memory_of:
         return memory_child(args, device, problems)
     impls = list(IMPLEMENTATIONS) if with_trl else ["grpo_mini"]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, fast bf16 on this CPU: "
           f"{g.cpu_has_fast_bf16()}; 4 prompts x 8 generations x 64 tokens, dapo, median over {args.rounds} x "
           f"{args.steps - 1} steps; freed memory kept in the process (all implementations): {kept}; "
+          f"matmul kernel caches (all implementations): {kernel_caches}; "
           f"torch.compile of grpo_mini's layers: {args.compile}")
     header = ("| model | beta | impl | dtype | generate s | ref/old s | loss+bwd s | optim s | step s | tok/s | "
               "peak MiB |")

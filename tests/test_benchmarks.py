@@ -1,10 +1,12 @@
 """The benchmark script runs end to end (grpo_mini side, tiny random model) and prints its table."""
 
+import os
 import sys
 
 import pytest
 import torch
 
+import engine
 import grpo_mini as g
 from conftest import run_script
 
@@ -23,6 +25,9 @@ def test_step_time_benchmark_runs():
     step_s, ref_s = float(cells[8]), float(cells[5])
     assert step_s > 0 and ref_s > 0  # beta > 0: the reference forward was timed
     assert "measured matmul peak fp32" in result.stdout
+    capacity = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(engine.KERNEL_CACHE_CAPACITY))  # yours wins
+    caches = f"matmul kernel caches (all implementations): {{'ONEDNN_PRIMITIVE_CACHE_CAPACITY': '{capacity}'"
+    assert caches in result.stdout
     utilisation = [line for line in result.stdout.splitlines() if line.startswith("| tiny-random | 0.04 | grpo_mini | ")
                    and "TFLOP" in line]
     assert len(utilisation) == 1 and utilisation[0].count("%") == 4  # generation, ref, loss+backward, whole step

@@ -127,6 +127,33 @@ def test_mask_truncated_completions_trains_only_finished_rows(tiny_model, tiny_t
     assert stats["tokens_trained"] == ro.completion_mask[finished].sum().item()
 
 
+def test_step_gives_the_sampling_copy_back_whole_however_the_training_phase_ends(tiny_model, tiny_tokenizer,
+                                                                                  monkeypatch):
+    """grpo_step releases the bf16 copy's weights while the policy trains, and makes them again after the update, or
+    after an error: the next rollout samples from the policy's current weights."""
+    ro, cfg = _rollout(tiny_model, tiny_tokenizer)
+    sampler = g.make_sampling_model(tiny_model, torch.bfloat16)
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = lambda: g.grpo_step(tiny_model, None, tiny_tokenizer, optimizer, scheduler, [], cfg, CPU, None,  # noqa
+                               g.grpo_advantage_fn(cfg), sampler=sampler, rollout_fn=lambda *args: (ro, {}))
+    released = []
+    real_accumulate = g.accumulate_gradients
+    monkeypatch.setattr(g, "accumulate_gradients", lambda *a, **k: (released.append(all(
+        p.numel() == 0 for p in sampler.parameters())), real_accumulate(*a, **k))[1])
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    _, stats, _, _ = step()
+    assert released == [True] and stats is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # the policy moved
+    for mine, source in zip(sampler.parameters(), tiny_model.parameters()):
+        assert torch.equal(mine, source.detach().to(torch.bfloat16))  # and the copy with it
+    monkeypatch.setattr(g, "accumulate_gradients", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        step()
+    for mine, source in zip(sampler.parameters(), tiny_model.parameters()):
+        assert torch.equal(mine, source.detach().to(torch.bfloat16))
+
+
 def test_top_entropy_quantile_trains_every_row_for_its_quantile():
     assert g.rows_to_train(torch.tensor([0.0, 1.0, 0.0]), g.Config(top_entropy_quantile=0.2)) == [0, 1, 2]
 

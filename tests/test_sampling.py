@@ -113,6 +113,25 @@ def test_bf16_sampling_copy_is_refreshed_and_keeps_fp32_buffers(tiny_model):
     assert g.make_sampling_model(tiny_model, torch.float32) is tiny_model  # fp32: no copy
 
 
+def test_released_sampling_copy_is_made_again_with_the_same_values(tiny_model):
+    """grpo_step releases the bf16 copy's weights for the training phase; the refresh after it gives the values that
+    an in-place refresh gives, bit for bit, with the tied weights still one tensor."""
+    sampler, kept = g.make_sampling_model(tiny_model, torch.bfloat16), g.make_sampling_model(tiny_model, torch.bfloat16)
+    engine.release_sampling_model(sampler, tiny_model)
+    assert all(p.numel() == 0 and p.dtype == torch.bfloat16 for p in sampler.parameters())
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.mul_(1.001)
+    g.refresh_sampling_model(sampler, tiny_model)
+    g.refresh_sampling_model(kept, tiny_model)
+    for mine, theirs in zip(sampler.parameters(), kept.parameters()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs)
+    assert sampler.get_input_embeddings().weight is sampler.get_output_embeddings().weight  # still tied
+    engine.release_sampling_model(tiny_model, tiny_model)  # fp32: the policy samples itself, and keeps its weights
+    engine.release_sampling_model(None, tiny_model)
+    assert all(p.numel() > 0 for p in tiny_model.parameters())
+
+
 def test_dtype_choice():
     assert g.pick_dtype("fp32", torch.device("cuda")) == torch.float32
     assert g.pick_dtype("bf16", CPU) == torch.bfloat16
