@@ -318,10 +318,10 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     Pure sampling (no top-k / top-p), as GRPO's log-probs assume. greedy=True takes the argmax instead (evaluation).
     Stops when every row has produced an EOS; finished rows are padded with pad_id. min_new_tokens forbids EOS for
     the first tokens, as generation_config.min_new_tokens does for `generate` (the benchmarks use it to fix lengths).
-    Finished rows leave the batch and its cache, a quarter of the batch at a time; each row keeps its own random
-    numbers, so the work shrinks and the results stay (tested). Same arguments and results as generate_completions."""
+    Finished rows leave the batch and its cache, a quarter of the batch at a time, each row keeping its own random
+    numbers: less work, the same results (tested). Never down to one row: a lone row can take another matmul kernel,
+    which rounds differently (docs/PERFORMANCE.md). Same arguments and results as grpo_mini.generate_completions."""
     from transformers import StaticCache
-
     U, P = prompt_ids.shape
     device = prompt_ids.device
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
@@ -358,8 +358,8 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         if finished.all() or steps == max_new_tokens:
             break
         attention[:, P + t] = 1  # token t sits at cache position P + t
-        if 4 * int(finished.sum()) >= finished.numel():  # a quarter of the batch has finished: drop those rows
-            going = torch.nonzero(~finished).squeeze(1)
+        going = torch.nonzero(~finished).squeeze(1)  # a quarter of the batch has finished: drop those rows
+        if 4 * (finished.numel() - going.numel()) >= finished.numel() and going.numel() > 1:
             expand_cache_rows(cache, going)
             live, token, attention, next_position, finished = (x[going] for x in (live, token, attention,
                                                                                  next_position, finished))
