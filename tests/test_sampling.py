@@ -62,42 +62,6 @@ def test_fast_and_plain_samplers_give_the_same_greedy_log_probs(tiny_model, tiny
     assert torch.allclose(fast_logps, plain_logps, atol=1e-5)
 
 
-@pytest.mark.parametrize("greedy, prompts, repeats", [(False, 2, 8), (True, 8, 1)])
-def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_model, tiny_tokenizer, monkeypatch, greedy,
-                                                                   prompts, repeats):
-    """sample_completions drops finished rows from the batch and the cache, but never down to one row. Each row still
-    going gets the tokens and log-probs it gets when no row finishes (its own random numbers included), and greedy
-    rows get generate's tokens."""
-    tiny_model.eval()
-    with torch.no_grad():  # sharper: the tiny model's greedy rows would all repeat one token
-        for weight in (p for p in tiny_model.parameters() if p.dim() == 2):
-            weight.mul_(20)
-    _, ids, mask = _prompts(tiny_tokenizer, prompts)
-    rows = prompts * repeats
-    kwargs = dict(repeats=repeats, max_new_tokens=12, pad_id=tiny_tokenizer.pad_token_id, temperature=0.9,
-                  greedy=greedy)
-    torch.manual_seed(3)
-    free, free_logps = engine.sample_completions(tiny_model, ids, mask, eos_ids=[len(tiny_tokenizer)], **kwargs)
-    eos = sorted(set(free[::2, 2].tolist()) | set(free[1::4, 6].tolist()))  # rows end by tokens 3 and 7, or go on
-    ends = [next((c for c in range(12) if free[r, c] in eos), 11) for r in range(rows)]
-    expected, expected_logps = free.clone(), free_logps.clone()
-    for row, end in enumerate(ends):
-        expected[row, end + 1:], expected_logps[row, end + 1:] = tiny_tokenizer.pad_token_id, 0.0
-    resized, expand = [], engine.expand_cache_rows
-    monkeypatch.setattr(engine, "expand_cache_rows", lambda cache, index: (resized.append(len(index)),
-                                                                           expand(cache, index)))
-    torch.manual_seed(3)
-    tokens, logps = engine.sample_completions(tiny_model, ids, mask, eos_ids=eos, **kwargs)
-    assert resized[0] == rows and len(resized) > 1 and 1 < resized[-1] <= rows * 3 // 4  # rows left, never all
-    assert len(set(ends)) > 2 and tokens.size(1) == max(ends) + 1
-    assert torch.equal(tokens, expected[:, :tokens.size(1)])
-    assert torch.allclose(logps, expected_logps[:, :tokens.size(1)], atol=1e-6)
-    if greedy:
-        theirs = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                     pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=eos)[:, ids.size(1):]
-        assert torch.equal(tokens, theirs[:, :tokens.size(1)])
-
-
 def test_last_position_only_gives_the_last_logits_from_a_contiguous_hidden_state(tiny_model, tiny_tokenizer):
     # logits_to_keep=1 hands lm_head a strided view, which on a bf16 CPU costs a weight-sized copy per row
     # (see last_position_only); our tensor of positions must hand it a contiguous one, with the same logits.
